@@ -1,0 +1,63 @@
+"""Serve settings: one frozen dataclass, validated once, with errors that name the setting."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    bind: tuple[str, ...] = (DEFAULT_BIND,)
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    model: str | None = None  # None: the model shipped in the silero-vad wheel
+    provider: str = "cpu"
+    intra_op_threads: int = 1
+    max_streams: int = 4096
+    max_batch: int = 512
+    batch_delay_us: int = 0
+    spin_us: int = 50
+    ring_mib: int = 8
+    ready_timeout_s: float = 120.0
+    max_message_bytes: int = 1 << 20
+    max_streams_per_connection: int = 1024
+    max_in_flight_frames: int = 2048
+    idle_timeout_s: float = 300.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, key: str, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key} = {getattr(self, key)!r} is invalid: must be {allowed}")
+
+        need(len(self.bind) > 0, "bind", "at least one tcp:// or ipc:// endpoint")
+        for endpoint in self.bind:
+            need(endpoint.startswith(("tcp://", "ipc://")), "bind", "tcp://HOST:PORT or ipc:///path endpoints")
+        need(1 <= self.workers <= 256, "workers", "an integer from 1 to 256")
+        need(self.provider in ("auto", "cpu", "cuda", "tensorrt"), "provider", "one of auto, cpu, cuda, tensorrt")
+        need(1 <= self.intra_op_threads <= 64, "intra_op_threads", "an integer from 1 to 64")
+        need(1 <= self.max_streams <= 1_000_000, "max_streams", "an integer from 1 to 1000000")
+        need(1 <= self.max_batch <= 65536, "max_batch", "an integer from 1 to 65536")
+        need(0 <= self.batch_delay_us <= 1_000_000, "batch_delay_us", "0 to 1000000 microseconds")
+        need(0 <= self.spin_us <= 1_000_000, "spin_us", "0 to 1000000 microseconds")
+        need(1 <= self.ring_mib <= 1024, "ring_mib", "1 to 1024 MiB")
+        need(self.ready_timeout_s > 0, "ready_timeout_s", "a positive number of seconds")
+        need(4096 <= self.max_message_bytes <= 64 << 20, "max_message_bytes", "4096 to 67108864 bytes")
+        need(1 <= self.max_streams_per_connection, "max_streams_per_connection", "a positive integer")
+        need(1 <= self.max_in_flight_frames, "max_in_flight_frames", "a positive integer")
+        need(self.idle_timeout_s > 0, "idle_timeout_s", "a positive number of seconds")
+        need(self.log_level in ("debug", "info", "warning", "error"), "log_level", "debug, info, warning or error")
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}

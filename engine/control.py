@@ -1,0 +1,268 @@
+"""Client messages -> stream operations, and worker results -> replies, in order.
+
+Streams are keyed by (ZeroMQ identity, client stream id): a client can only name its own
+streams, and ids never collide across connections.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from engine.streams import PendingChunk, Stream
+from engine.vad_events import SpeechSegmenter, VadParams
+from transport import protocol as P
+from transport import records
+from transport.protocol import ErrorCode, MsgType, ProtocolError
+from transport.ring import Ring
+
+log = logging.getLogger("ringserve.streams")
+_OPEN_KEYS = {"sample_rate", "dtype", "vad"}
+
+
+class Outlet(Protocol):
+    def send(self, identity: bytes, payload: bytes) -> None: ...
+    def queue_result(self, identity: bytes, item: bytes) -> None: ...
+    def write_frames(self, stream: Stream, count: int) -> None: ...
+    def room_for(self, worker: int, nbytes: int) -> bool: ...
+
+
+class StreamTable:
+    def __init__(self, *, max_streams: int, max_per_connection: int, max_in_flight: int,
+                 max_message_bytes: int, idle_timeout_s: float, n_workers: int,
+                 frame_samples: dict[int, int], context_samples: dict[int, int],
+                 stats_provider: Callable[[], dict[str, Any]]) -> None:
+        self.max_streams = max_streams
+        self.max_per_connection = max_per_connection
+        self.max_in_flight = max_in_flight
+        self.max_message_bytes = max_message_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.frame_samples = frame_samples
+        self.context_samples = context_samples
+        self.stats_provider = stats_provider
+        self.outlet: Outlet | None = None
+        self.streams: dict[tuple[bytes, int], Stream] = {}
+        self.by_slot: list[Stream | None] = [None] * max_streams
+        self.slot_seq = [0] * max_streams  # next seq per slot; never reused, see worker.py
+        self.free_slots = list(range(max_streams - 1, -1, -1))
+        self.quarantine: list[tuple[int, int, int]] = []  # (slot, worker, ring position)
+        self.per_connection: Counter[bytes] = Counter()
+        self.worker_load = [0] * n_workers
+        self.counters: Counter[str] = Counter()
+
+    # ---- dispatch ----------------------------------------------------------------------
+    def on_message(self, identity: bytes, msg: bytes) -> None:
+        request_id = stream_id = 0
+        try:
+            if len(msg) > self.max_message_bytes:
+                raise ProtocolError(ErrorCode.LIMIT, f"message of {len(msg)} bytes exceeds the "
+                                    f"{self.max_message_bytes}-byte limit (max_message_bytes)")
+            msg_type, request_id = P.parse_header(msg)
+            if msg_type == MsgType.AUDIO:
+                self.on_audio(identity, request_id, msg)
+            elif msg_type == MsgType.PING:
+                self._out().send(identity, P.header(MsgType.PONG, request_id))
+            elif msg_type == MsgType.STATS:
+                self._out().send(identity, P.header(MsgType.STATS_REPLY, request_id)
+                                 + P.encode_json(self.stats_provider()))
+            elif msg_type in (MsgType.OPEN, MsgType.RESET, MsgType.CLOSE):
+                stream_id = P.parse_stream_id(msg)
+                if msg_type == MsgType.OPEN:
+                    self.on_open(identity, request_id, stream_id, msg[P.HEADER.size + P.STREAM_ID.size:])
+                else:
+                    self.on_stream_op(identity, request_id, stream_id, msg_type)
+            else:
+                raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type 0x{msg_type:02x}")
+        except ProtocolError as exc:
+            self.error(identity, request_id, stream_id, 0, exc.code, str(exc))
+
+    def _out(self) -> Outlet:
+        assert self.outlet is not None
+        return self.outlet
+
+    def error(self, identity: bytes, request_id: int, stream_id: int, chunk_seq: int,
+              code: ErrorCode, text: str) -> None:
+        self.counters[f"errors_{code.name.lower()}"] += 1
+        self._out().send(identity, P.encode_error(request_id, stream_id, chunk_seq, code, text))
+
+    # ---- open / reset / close ------------------------------------------------------------
+    def on_open(self, identity: bytes, request_id: int, stream_id: int, body: bytes) -> None:
+        params = P.decode_json(body)
+        unknown = set(params) - _OPEN_KEYS
+        if unknown:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"unknown open parameter(s) {sorted(unknown)}; "
+                                f"known: {sorted(_OPEN_KEYS)}")
+        rate = params.get("sample_rate", 16000)
+        if rate not in self.frame_samples or isinstance(rate, bool):
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"sample_rate {rate!r} is not supported: use "
+                                f"{' or '.join(map(str, self.frame_samples))} (resample on the client)")
+        dtype_name = params.get("dtype", "int16")
+        if dtype_name not in P.DTYPE_NAMES:
+            raise ProtocolError(ErrorCode.BAD_DTYPE, f"dtype {dtype_name!r} is not supported: use int16 or float32")
+        vad = params.get("vad", {})
+        try:
+            vad_params = VadParams.from_mapping(vad if isinstance(vad, dict) else {"vad": vad})
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, str(exc)) from None
+        key = (identity, stream_id)
+        if key in self.streams:
+            raise ProtocolError(ErrorCode.STREAM_EXISTS, f"stream {stream_id} is already open on this connection")
+        if self.per_connection[identity] >= self.max_per_connection:
+            raise ProtocolError(ErrorCode.LIMIT, f"this connection already has {self.max_per_connection} "
+                                "open streams (max_streams_per_connection)")
+        if not self.free_slots:
+            raise ProtocolError(ErrorCode.LIMIT, f"the engine already serves {len(self.streams)} streams "
+                                "(max_streams)")
+        slot = self.free_slots.pop()
+        worker = min(range(len(self.worker_load)), key=self.worker_load.__getitem__)
+        self.worker_load[worker] += 1
+        stream = Stream(identity, stream_id, slot, worker, rate, self.frame_samples[rate],
+                        self.context_samples[rate], P.DTYPE_NAMES[dtype_name],
+                        SpeechSegmenter(vad_params, rate), self.slot_seq[slot], time.monotonic())
+        self.streams[key] = self.by_slot[slot] = stream
+        self.per_connection[identity] += 1
+        self.counters["streams_opened"] += 1
+        reply = {"stream": stream_id, "sample_rate": rate, "frame_samples": stream.frame,
+                 "dtype": dtype_name, "vad": vad_params.to_dict()}
+        self._out().send(identity, P.header(MsgType.OPENED, request_id) + P.STREAM_ID.pack(stream_id)
+                         + P.encode_json(reply))
+
+    def on_stream_op(self, identity: bytes, request_id: int, stream_id: int, op: int) -> None:
+        stream = self._stream(identity, stream_id)
+        stream.last_active = time.monotonic()
+        if op == MsgType.RESET:
+            stream.discard_pending()
+            stream.chunks.append(PendingChunk(0, request_id, stream.next_seq, kind="reset"))
+        else:
+            stream.closing = True
+            if stream.pad_final():
+                self._out().write_frames(stream, 1)
+            stream.chunks.append(PendingChunk(P.CLOSE_SEQ, request_id, stream.next_seq, kind="close"))
+        self.complete_chunks(stream)
+
+    def _stream(self, identity: bytes, stream_id: int) -> Stream:
+        stream = self.streams.get((identity, stream_id))
+        if stream is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_STREAM, f"stream {stream_id} is not open on this connection")
+        if stream.closing:
+            raise ProtocolError(ErrorCode.UNKNOWN_STREAM, f"stream {stream_id} is closing")
+        return stream
+
+    # ---- audio -------------------------------------------------------------------------
+    def on_audio(self, identity: bytes, request_id: int, msg: bytes) -> None:
+        for stream_id, chunk_seq, dtype, offset, nbytes in P.iter_audio_items(msg):
+            try:
+                self._audio_item(identity, request_id, stream_id, chunk_seq, dtype, msg, offset, nbytes)
+            except ProtocolError as exc:
+                self.error(identity, request_id, stream_id, chunk_seq, exc.code, str(exc))
+
+    def _audio_item(self, identity: bytes, request_id: int, stream_id: int, chunk_seq: int, dtype: int,
+                    msg: bytes, offset: int, nbytes: int) -> None:
+        stream = self._stream(identity, stream_id)
+        if dtype != stream.dtype:
+            raise ProtocolError(ErrorCode.BAD_DTYPE, f"stream {stream_id} was opened for "
+                                f"{P.DType(stream.dtype).name.lower()} samples but this chunk says dtype {dtype}")
+        np_dtype = P.NUMPY_DTYPES[P.DType(dtype)]
+        if nbytes % np_dtype.itemsize:
+            raise ProtocolError(ErrorCode.BAD_AUDIO, f"chunk of {nbytes} bytes is not a whole number of "
+                                f"{np_dtype.itemsize}-byte samples")
+        samples = np.frombuffer(msg, np_dtype, nbytes // np_dtype.itemsize, offset)
+        if dtype == P.DType.FLOAT32 and not np.isfinite(samples).all():
+            raise ProtocolError(ErrorCode.BAD_AUDIO, "chunk contains NaN or Inf samples; nothing of it was used")
+        new_frames = (stream.buf_len - stream.context + len(samples)) // stream.frame
+        if stream.in_flight + new_frames > self.max_in_flight:
+            raise ProtocolError(ErrorCode.LIMIT, f"stream {stream_id} would have {stream.in_flight + new_frames} "
+                                f"frames in flight, over max_in_flight_frames={self.max_in_flight}; "
+                                "wait for results or send smaller chunks")
+        if new_frames and not self._out().room_for(
+                stream.worker, records.frames_record_bytes(new_frames, stream.frame + stream.context)):
+            self.counters["frames_refused_overloaded"] += new_frames
+            raise ProtocolError(ErrorCode.OVERLOADED, "the engine is overloaded: this chunk was not "
+                                "used; retry later, or add workers")
+        stream.last_active = time.monotonic()
+        count = stream.append(samples)
+        if count:
+            self._out().write_frames(stream, count)
+        self.counters["frames_in"] += count
+        stream.chunks.append(PendingChunk(chunk_seq, request_id, stream.next_seq))
+        if count == 0:
+            self.complete_chunks(stream)
+
+    # ---- results -----------------------------------------------------------------------
+    def on_result(self, slot: int, seq: int, prob: float) -> None:
+        stream = self.by_slot[slot]
+        if stream is None or seq < stream.expected_seq:
+            self.counters["duplicate_results_dropped"] += 1  # a frame re-run after a worker crash
+            return
+        if seq != stream.expected_seq:
+            log.error("slot %d: result seq %d, expected %d", slot, seq, stream.expected_seq)
+            self.counters["errors_internal"] += 1
+            return
+        events = stream.on_result(prob)
+        if events:
+            stream.chunks[0].events.extend((e.kind, e.frame, e.sample) for e in events)
+        self.counters["frames_out"] += 1
+        if stream.chunks[0].end_seq == stream.expected_seq:
+            self.complete_chunks(stream)
+
+    def complete_chunks(self, stream: Stream) -> None:
+        while stream.chunks and stream.chunks[0].end_seq <= stream.expected_seq:
+            chunk = stream.chunks.popleft()
+            first = chunk.first_frame if chunk.first_frame >= 0 else stream.expected_seq - stream.frame_base
+            flags = 0
+            if chunk.kind == "reset":
+                stream.segmenter.reset()
+                stream.frame_base = stream.expected_seq
+                self._out().send(stream.identity, P.header(MsgType.RESET_DONE, chunk.request_id)
+                                 + P.STREAM_ID.pack(stream.stream_id))
+                continue
+            if chunk.kind == "close":
+                chunk.events.extend((e.kind, e.frame, e.sample) for e in stream.segmenter.finish(stream.samples_in))
+                flags = P.ResultFlag.FINAL
+            self._out().queue_result(stream.identity, P.encode_result_item(
+                stream.stream_id, chunk.chunk_seq, first, chunk.probs.tobytes(), chunk.events, flags))
+            if chunk.kind == "close":
+                self.release(stream)
+
+    def release(self, stream: Stream) -> None:
+        """Forget a stream; its slot is reused only once its worker released every frame of it."""
+        del self.streams[(stream.identity, stream.stream_id)]
+        self.by_slot[stream.slot] = None
+        self.slot_seq[stream.slot] = stream.next_seq
+        self.per_connection[stream.identity] -= 1
+        if not self.per_connection[stream.identity]:
+            del self.per_connection[stream.identity]
+        self.worker_load[stream.worker] -= 1
+        self.quarantine.append((stream.slot, stream.worker, -1))
+        self.counters["streams_closed"] += 1
+
+    def drop_connection(self, identity: bytes) -> None:
+        """The client is gone: close its streams without replies once their frames are done."""
+        for stream in [s for s in self.streams.values() if s.identity == identity and not s.closing]:
+            stream.closing = True
+            stream.chunks.append(PendingChunk(P.CLOSE_SEQ, 0, stream.next_seq, kind="close"))
+            self.complete_chunks(stream)
+
+    def housekeeping(self, now: float, in_rings: list[Ring]) -> None:
+        if self.quarantine:
+            still = []
+            for slot, worker, position in self.quarantine:
+                ring = in_rings[worker]
+                if position < 0:
+                    position = ring.head_position()
+                if ring.tail_position() >= position:
+                    self.free_slots.append(slot)
+                else:
+                    still.append((slot, worker, position))
+            self.quarantine = still
+        for stream in list(self.streams.values()):
+            if not stream.closing and not stream.in_flight and now - stream.last_active > self.idle_timeout_s:
+                self.counters["streams_expired"] += 1
+                self.error(stream.identity, 0, stream.stream_id, 0, ErrorCode.EXPIRED,
+                           f"stream {stream.stream_id} closed after {self.idle_timeout_s:.0f} s without audio "
+                           "(idle_timeout_s)")
+                self.on_stream_op(stream.identity, 0, stream.stream_id, MsgType.CLOSE)

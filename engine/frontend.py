@@ -1,0 +1,236 @@
+"""The front-end: one synchronous poll loop over the ROUTER socket, worker rings and sentinels.
+
+It never blocks on a client: replies go out with NOBLOCK on a ROUTER_MANDATORY socket, so a
+vanished client (EHOSTUNREACH) has its streams closed, and a client that stops reading
+(EAGAIN at its high-water mark) has replies dropped and counted rather than stalling
+everyone else. It spins briefly when work dries up, then blocks in ``zmq.Poller`` on the
+ROUTER, every output ring's doorbell, worker sentinels and the signal wake-up pipe.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections import defaultdict
+from typing import Callable
+
+import numpy as np
+import zmq
+
+from engine.config import ServeConfig
+from engine.control import StreamTable
+from engine.stats import WorkerStats
+from engine.streams import Stream
+from engine.supervisor import WorkerProcess, WorkerStartError
+from transport import protocol as P
+from transport import records
+from transport.ring import Ring
+
+log = logging.getLogger("ringserve.frontend")
+_HOUSEKEEPING_S = 0.05
+_MAX_RESTART_FAILURES = 5
+
+
+class WorkerLink:
+    """The front-end's end of one worker: its rings, backlog and process."""
+
+    def __init__(self, proc: WorkerProcess, in_ring: Ring, out_ring: Ring, stats: WorkerStats,
+                 backlog_limit: int) -> None:
+        self.proc = proc
+        self.stats = stats
+        self.in_ring = in_ring
+        self.out_ring = out_ring
+        self.backlog: list[bytearray] = []  # records waiting for ring space, in order
+        self.backlog_bytes = 0
+        self.backlog_limit = backlog_limit
+        self.streams = 0
+        self.restart_failures = 0
+
+    def has_room(self, nbytes: int) -> bool:
+        return self.backlog_bytes + nbytes <= self.backlog_limit or not self.backlog
+
+    def flush_backlog(self) -> None:
+        while self.backlog:
+            record = self.backlog[0]
+            if not self.in_ring.write(record):
+                return
+            self.backlog.pop(0)
+            self.backlog_bytes -= len(record)
+
+
+class FrontEnd:
+    def __init__(self, cfg: ServeConfig, router: zmq.Socket, links: list[WorkerLink],
+                 table: StreamTable, wakeup_fd: int, should_stop: Callable[[], bool]) -> None:
+        self.cfg = cfg
+        self.router = router
+        self.links = links
+        self.table = table
+        self.wakeup_fd = wakeup_fd
+        self.should_stop = should_stop
+        self.outbox: dict[bytes, list[bytes]] = defaultdict(list)
+        self.counters = table.counters
+        table.outlet = self
+
+    # ---- replies -------------------------------------------------------------------
+    def queue_result(self, identity: bytes, item: bytes) -> None:
+        self.outbox[identity].append(item)
+
+    def send(self, identity: bytes, payload: bytes) -> None:
+        """Send a control reply after any results already queued for that client."""
+        if identity in self.outbox:
+            self._flush_one(identity, self.outbox.pop(identity))
+        self._send(identity, payload)
+
+    def _flush_one(self, identity: bytes, items: list[bytes]) -> None:
+        self._send(identity, P.header(P.MsgType.RESULTS) + b"".join(items))
+
+    def flush_outbox(self) -> None:
+        if self.outbox:
+            outbox, self.outbox = self.outbox, defaultdict(list)
+            for identity, items in outbox.items():
+                self._flush_one(identity, items)
+
+    def _send(self, identity: bytes, payload: bytes) -> None:
+        try:
+            self.router.send_multipart((identity, payload), zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters["replies_dropped_slow_client"] += 1
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                raise
+            self.counters["replies_dropped_client_gone"] += 1
+            self.table.drop_connection(identity)
+
+    # ---- frames to workers ---------------------------------------------------------------
+    def room_for(self, worker: int, nbytes: int) -> bool:
+        return self.links[worker].has_room(nbytes)
+
+    def write_frames(self, stream: Stream, count: int) -> None:
+        link = self.links[stream.worker]
+        width = stream.context + stream.frame
+        size = records.frames_record_bytes(count, width)
+        view = None if link.backlog else link.in_ring.reserve(size)
+        if view is None:
+            spill = bytearray(size)
+            link.backlog.append(spill)
+            link.backlog_bytes += size
+            target = memoryview(spill)
+        else:
+            target = view
+        records.FRAMES_HEADER.pack_into(target, 0, records.KIND_FRAMES, count, width, stream.rate,
+                                        time.monotonic_ns())
+        meta, audio = records.frames_views(target, count, width)
+        meta["seq"] = np.arange(stream.next_seq, stream.next_seq + count, dtype=np.uint64)
+        meta["slot"] = stream.slot
+        meta["flags"] = 0
+        if stream.fresh:
+            meta["flags"][0] = records.FLAG_FRESH
+            stream.fresh = False
+        stream.take_frames(count, audio)
+        del meta, audio, target
+        stream.next_seq += count
+        if view is not None:
+            del view
+            link.in_ring.commit()
+
+    # ---- results from workers ------------------------------------------------------------
+    def drain_results(self, link: WorkerLink) -> int:
+        handled = 0
+        while (item := link.out_ring.next_record()) is not None:
+            body, end = item
+            count = records.RESULTS_HEADER.unpack_from(body)[1]
+            res = records.results_view(body, count)
+            seqs, slots, probs = res["seq"].tolist(), res["slot"].tolist(), res["prob"].tolist()
+            del res, body
+            link.out_ring.release(end)
+            for seq, slot, prob in zip(seqs, slots, probs):
+                self.table.on_result(slot, seq, prob)
+            handled += count
+        link.flush_backlog()
+        return handled
+
+    # ---- the loop --------------------------------------------------------------------
+    def pump_router(self, budget: int = 512) -> int:
+        router, handle = self.router, self.table.on_message
+        for n in range(budget):
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return n
+            if len(frames) != 2:
+                self.counters["errors_bad_message"] += 1
+                if frames:
+                    self._send(frames[0], P.encode_error(0, 0, 0, P.ErrorCode.BAD_MESSAGE,
+                                                         "send each message as a single ZeroMQ frame"))
+                continue
+            handle(frames[0], frames[1])
+        return budget
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.wakeup_fd, zmq.POLLIN)
+        for link in self.links:
+            poller.register(link.out_ring.doorbell.fileno(), zmq.POLLIN)
+        spin_s = self.cfg.spin_us / 1e6
+        last_work = last_housekeeping = time.monotonic()
+        while not self.should_stop():
+            work = self.pump_router()
+            for link in self.links:
+                work += self.drain_results(link)
+            self.flush_outbox()
+            now = time.monotonic()
+            if now - last_housekeeping > _HOUSEKEEPING_S:
+                self.housekeeping(now)
+                last_housekeeping = now
+            if work:
+                last_work = now
+                continue
+            if now - last_work < spin_s:
+                continue
+            if not all(link.out_ring.prepare_sleep() for link in self.links):
+                for link in self.links:
+                    link.out_ring.end_sleep()
+                continue
+            watched = [link.proc.sentinel for link in self.links]
+            for fd in watched:
+                poller.register(fd, zmq.POLLIN)
+            poller.poll(timeout=1000 * _HOUSEKEEPING_S * 4)
+            for fd in watched:
+                poller.unregister(fd)
+            for link in self.links:
+                link.out_ring.end_sleep()
+                link.out_ring.doorbell.clear()
+            last_work = time.monotonic()
+
+    def housekeeping(self, now: float) -> None:
+        for index, link in enumerate(self.links):
+            proc = link.proc
+            if proc.is_dead():
+                self.replace_worker(index)
+            elif not proc.ready:
+                try:
+                    proc.check_ready()
+                except WorkerStartError as exc:
+                    log.error("%s", exc)
+                if proc.ready:
+                    link.restart_failures = 0
+                    log.info("worker-%d replaced (pid %s); its streams carry on", index, proc.info.get("pid"))
+        self.table.housekeeping(now, [link.in_ring for link in self.links])
+
+    def replace_worker(self, index: int) -> None:
+        link = self.links[index]
+        was_ready = link.proc.ready
+        log.warning("worker-%d died (%s); starting a replacement", index, link.proc.exit_description())
+        self.counters["worker_restarts"] += 1
+        # Results it published before dying are still in the output ring: take them first.
+        self.drain_results(link)
+        link.proc.stop(0.1)
+        if not was_ready:
+            link.restart_failures += 1
+            if link.restart_failures > _MAX_RESTART_FAILURES:
+                raise WorkerStartError(f"worker-{index} failed to start {_MAX_RESTART_FAILURES} times in a row")
+            time.sleep(min(2.0, 0.1 * 2 ** link.restart_failures))
+        link.proc.restarts += 1
+        link.proc.start()

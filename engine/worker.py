@@ -1,0 +1,197 @@
+"""Worker process: drain the input ring, run every ready stream's next frame as one batch.
+
+Crash safety comes from the order of the four writes per batch (see docs/architecture.md):
+
+1. new states -> the state slot's *other* parity buffer (the one this frame does not read)
+2. results    -> output ring (published)
+3. done[slot] = seq + 1
+4. input ring space released, only for records whose every frame got past step 3
+
+A replacement worker re-reads every unreleased record and skips frames with
+``seq < done[slot]``. A frame that died between 1 and 3 runs again from the same, untouched
+input state and gives the same result; the front-end drops the duplicate by ``seq``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from engine.layout import StateLayout, WorkerLayout
+from engine.models.base import ModelSpec, StreamingModel
+from engine.models.silero import load_model
+from engine.stats import BUSY_NS, REPLAYED, STARTED_NS, WorkerStats
+from transport import records
+from transport.doorbell import Doorbell
+from transport.ring import Ring
+from transport.shm import Segment
+
+_RECHECK_S = 5.0  # bounds the cost of any lost wake-up; normal wake-ups come from the doorbell
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    index: int
+    model: ModelSpec
+    worker_segment: str
+    layout: WorkerLayout
+    state_segment: str
+    state_layout: StateLayout
+    max_batch: int
+    spin_us: int
+    batch_delay_us: int
+
+
+class _Record:
+    __slots__ = ("end", "remaining", "audio", "rate", "enqueued_ns")
+
+    def __init__(self, end: int, audio: np.ndarray, rate: int, enqueued_ns: int) -> None:
+        self.end = end
+        self.remaining = 0
+        self.audio = audio
+        self.rate = rate
+        self.enqueued_ns = enqueued_ns
+
+
+_Pending = tuple[_Record, int, int, int, bool]  # record, row, seq, slot, fresh
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig, model: StreamingModel, in_ring: Ring, out_ring: Ring,
+                 states: np.ndarray, done: np.ndarray, stats: WorkerStats) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.in_ring = in_ring
+        self.out_ring = out_ring
+        self.states = states
+        self.done = done
+        self.stats = stats
+        self.records: collections.deque[_Record] = collections.deque()
+        self.queues: dict[int, collections.deque[_Pending]] = {}
+
+    def drain_input(self) -> None:
+        while (item := self.in_ring.next_record()) is not None:
+            body, end = item
+            _, count, width, rate, enqueued_ns = records.FRAMES_HEADER.unpack_from(body)
+            meta, audio = records.frames_views(body, count, width)
+            rec = _Record(end, audio, rate, enqueued_ns)
+            seqs, slots, flags = meta["seq"].tolist(), meta["slot"].tolist(), meta["flags"].tolist()
+            done = self.done
+            for row in range(count):
+                seq, slot = seqs[row], slots[row]
+                if seq < done[slot]:  # replay after a crash: this frame's state is committed
+                    self.stats.counters[REPLAYED] += 1
+                    continue
+                rec.remaining += 1
+                queue = self.queues.get(slot)
+                if queue is None:
+                    queue = self.queues[slot] = collections.deque()
+                queue.append((rec, row, seq, slot, bool(flags[row] & records.FLAG_FRESH)))
+            self.records.append(rec)
+
+    def run_batch(self) -> None:
+        picked: list[_Pending] = []
+        emptied = []
+        for slot, queue in self.queues.items():
+            picked.append(queue.popleft())  # one frame per stream: frame k+1 needs k's state
+            if not queue:
+                emptied.append(slot)
+            if len(picked) == self.cfg.max_batch:
+                break
+        for slot in emptied:
+            del self.queues[slot]
+        rates = {p[0].rate for p in picked}
+        for rate in rates:
+            group = picked if len(rates) == 1 else [p for p in picked if p[0].rate == rate]
+            self._execute(group, rate)
+        while self.records and self.records[0].remaining == 0:
+            self.in_ring.release(self.records.popleft().end)
+
+    def _execute(self, group: list[_Pending], rate: int) -> None:
+        started = time.monotonic_ns()
+        n = len(group)
+        audio = np.empty((n, group[0][0].audio.shape[1]), np.float32)
+        for i, (rec, row, _, _, _) in enumerate(group):
+            audio[i] = rec.audio[row]
+        seq = np.fromiter((p[2] for p in group), np.uint64, n)
+        slot = np.fromiter((p[3] for p in group), np.intp, n)
+        fresh = np.fromiter((p[4] for p in group), bool, n)
+        parity = (seq & np.uint64(1)).astype(np.intp)
+        state = self.states[slot, parity]
+        state[fresh] = 0.0
+        probs, new_state = self.model.run(audio, state, rate)
+        self.states[slot, 1 - parity] = new_state
+        self._publish(seq, slot, probs)
+        self.done[slot] = seq + np.uint64(1)
+        for rec, _, _, _, _ in group:
+            rec.remaining -= 1
+        finished = time.monotonic_ns()
+        enqueued = np.fromiter((p[0].enqueued_ns for p in group), np.float64, n)
+        self.stats.record_batch(n, finished - started, np.maximum(started - enqueued, 0) / 1000)
+
+    def _publish(self, seq: np.ndarray, slot: np.ndarray, probs: np.ndarray) -> None:
+        n = len(seq)
+        size = records.results_record_bytes(n)
+        while (view := self.out_ring.reserve(size)) is None:
+            # The front-end drains this ring on every loop turn; being full means it is
+            # momentarily behind. Yield the core to it instead of spinning against it.
+            time.sleep(0.0002)
+        records.RESULTS_HEADER.pack_into(view, 0, records.KIND_RESULTS, n, 0)
+        out = records.results_view(view, n)
+        out["seq"] = seq
+        out["slot"] = slot
+        out["prob"] = probs
+        del out, view
+        self.out_ring.commit()
+
+    def serve(self, death_fd: int) -> None:
+        spin_s = self.cfg.spin_us / 1e6
+        delay_s = self.cfg.batch_delay_us / 1e6
+        counters = self.stats.counters
+        while True:
+            self.drain_input()
+            if not self.queues:
+                ready = self.in_ring.wait(spin_s, _RECHECK_S, death_fd)
+                if death_fd in ready:
+                    return
+                continue
+            if delay_s and len(self.queues) < self.cfg.max_batch:
+                deadline = time.perf_counter() + delay_s
+                while time.perf_counter() < deadline and len(self.queues) < self.cfg.max_batch:
+                    self.drain_input()
+            busy_from = time.monotonic_ns()
+            self.run_batch()
+            counters[BUSY_NS] += time.monotonic_ns() - busy_from
+
+
+def worker_main(cfg: WorkerConfig, in_bell: Doorbell, out_bell: Doorbell,
+                ready_conn: Connection, death_conn: Connection) -> None:
+    """Entry point of a worker process (spawned)."""
+    # The daemon decides when to stop; a terminal's Ctrl-C reaches the whole group.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        model = load_model(cfg.model)
+        model.warm_up(min(cfg.max_batch, 64))
+        segment = Segment.attach(cfg.worker_segment)
+        state_segment = Segment.attach(cfg.state_segment)
+        in_ring = Ring(segment, in_bell, 0)
+        out_ring = Ring(segment, out_bell, cfg.layout.out_offset)
+        stats = WorkerStats(segment.buf[cfg.layout.stats_offset:cfg.layout.total])
+        states, done = cfg.state_layout.views(state_segment.buf)
+    except BaseException as exc:  # report any start-up failure to the daemon, then exit
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        ready_conn.send(("error", detail))
+        ready_conn.close()
+        os._exit(1)
+    stats.counters[STARTED_NS] = time.monotonic_ns()
+    ready_conn.send(("ready", {"pid": os.getpid(), "provider": model.provider}))
+    ready_conn.close()
+    Worker(cfg, model, in_ring, out_ring, states, done, stats).serve(death_conn.fileno())
+    os._exit(0)  # skip interpreter teardown: numpy views still point into the mappings

@@ -1,0 +1,53 @@
+"""Record formats on the inner hop (front-end <-> worker rings). Never seen by clients.
+
+FRAMES (front-end -> worker): the frames one chunk of one stream completed::
+
+    u32 kind=1 | u32 count | u32 samples_per_frame | u32 sample_rate | u64 enqueued_ns
+    count x FRAME_META {u64 seq, u32 slot, u32 flags}
+    count x samples_per_frame float32        (model input: context + new samples)
+
+RESULTS (worker -> front-end): one record per executed batch::
+
+    u32 kind=2 | u32 count | u64 reserved
+    count x RESULT {u64 seq, u32 slot, f32 probability}
+
+``seq`` is the stream's frame counter since it opened. The worker reads state buffer
+``seq & 1`` of the stream's state slot and writes buffer ``(seq + 1) & 1``, so a frame that
+is run twice (after a worker crash) reads the same state both times.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+KIND_FRAMES = 1
+KIND_RESULTS = 2
+
+FLAG_FRESH = 1  # start from zero state: first frame after open or reset
+
+FRAMES_HEADER = struct.Struct("<IIIIQ")  # enqueued_ns: CLOCK_MONOTONIC, comparable across processes
+RESULTS_HEADER = struct.Struct("<IIQ")
+FRAME_META = np.dtype([("seq", "<u8"), ("slot", "<u4"), ("flags", "<u4")])
+RESULT = np.dtype([("seq", "<u8"), ("slot", "<u4"), ("prob", "<f4")])
+
+
+def frames_record_bytes(count: int, samples_per_frame: int) -> int:
+    return FRAMES_HEADER.size + count * (FRAME_META.itemsize + 4 * samples_per_frame)
+
+
+def frames_views(buf: memoryview, count: int, samples_per_frame: int) -> tuple[np.ndarray, np.ndarray]:
+    """(meta[count], audio[count, samples_per_frame]) views into a FRAMES record body."""
+    meta = np.frombuffer(buf, FRAME_META, count, FRAMES_HEADER.size)
+    audio = np.frombuffer(buf, np.float32, count * samples_per_frame,
+                          FRAMES_HEADER.size + count * FRAME_META.itemsize)
+    return meta, audio.reshape(count, samples_per_frame)
+
+
+def results_record_bytes(count: int) -> int:
+    return RESULTS_HEADER.size + count * RESULT.itemsize
+
+
+def results_view(buf: memoryview, count: int) -> np.ndarray:
+    return np.frombuffer(buf, RESULT, count, RESULTS_HEADER.size)
