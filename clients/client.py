@@ -157,6 +157,8 @@ class Stream:
         self.frame_samples: int = info["frame_samples"]
         self.dtype = P.DTYPE_NAMES[info["dtype"]]
         self.events: list[Event] = []  # every event so far, in order
+        # Chunks larger than the engine accepts in one message are split transparently.
+        self._max_chunk_bytes = max(4096, int(info.get("max_message_bytes", 1 << 20)) - 1024)
         self.closed = False
 
     def _results(self, item: P.WireResult) -> list[Result]:
@@ -172,11 +174,21 @@ class Stream:
 
     def send(self, pcm: np.ndarray | bytes, timeout: float | None = None) -> list[Result]:
         """Send a chunk of any length; returns a result for every frame it completed, in order."""
+        return self.submit(pcm).result(timeout)
+
+    def submit(self, pcm: np.ndarray | bytes) -> Pending:
+        """Send a chunk without waiting; collect its results later, in submission order."""
         if self.closed:
             raise RingserveError(f"stream {self.stream_id} is closed", self.stream_id)
-        request_id = self.client.next_request_id()
-        payload = P.encode_audio(request_id, [(self.stream_id, request_id, self.dtype, _pcm_bytes(pcm, self.dtype))])
-        return self._results(self.client.request(payload, request_id, timeout))
+        data = _pcm_bytes(pcm, self.dtype)
+        step = self._max_chunk_bytes - self._max_chunk_bytes % P.NUMPY_DTYPES[self.dtype].itemsize
+        request_ids = []
+        for offset in range(0, max(len(data), 1), step):
+            request_id = self.client.next_request_id()
+            piece = data[offset:offset + step]
+            self.client._socket.send(P.encode_audio(request_id, [(self.stream_id, request_id, self.dtype, piece)]))
+            request_ids.append(request_id)
+        return Pending(self, request_ids)
 
     def reset(self, timeout: float | None = None) -> None:
         """Start over: zero state, forget buffered samples; offsets and frames count from 0 again."""
@@ -192,3 +204,17 @@ class Stream:
         self.closed = True
         item = self.client.wait_for(("close", self.stream_id), ("req", request_id), timeout=timeout)
         return self._results(item)
+
+
+class Pending:
+    """Results of a submitted chunk, not yet collected."""
+
+    def __init__(self, stream: Stream, request_ids: list[int]) -> None:
+        self.stream = stream
+        self.request_ids = request_ids
+
+    def result(self, timeout: float | None = None) -> list[Result]:
+        results = []
+        for request_id in self.request_ids:
+            results += self.stream._results(self.stream.client.wait_for(("req", request_id), timeout=timeout))
+        return results

@@ -127,7 +127,7 @@ class StreamTable:
         self.per_connection[identity] += 1
         self.counters["streams_opened"] += 1
         reply = {"stream": stream_id, "sample_rate": rate, "frame_samples": stream.frame,
-                 "dtype": dtype_name, "vad": vad_params.to_dict()}
+                 "dtype": dtype_name, "vad": vad_params.to_dict(), "max_message_bytes": self.max_message_bytes}
         self._out().send(identity, P.header(MsgType.OPENED, request_id) + P.STREAM_ID.pack(stream_id)
                          + P.encode_json(reply))
 

@@ -121,7 +121,9 @@ class Daemon:
             router.setsockopt(zmq.LINGER, 0)
             router.setsockopt(zmq.SNDHWM, 100_000)
             router.setsockopt(zmq.RCVHWM, 100_000)
-            router.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes + 64)
+            # Messages up to twice the limit are read and refused with a LIMIT error naming the
+            # setting; beyond that libzmq drops the connection before allocating anything.
+            router.setsockopt(zmq.MAXMSGSIZE, 2 * cfg.max_message_bytes)
             ipc_paths = bind_all(router, cfg.bind)
             cleanup.callback(remove_ipc_files, ipc_paths)
             self.endpoints = [router.getsockopt_string(zmq.LAST_ENDPOINT)] if len(cfg.bind) == 1 else list(cfg.bind)

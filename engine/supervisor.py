@@ -69,7 +69,9 @@ class WorkerProcess:
         conn.close()
         self.ready_conn = None
         if status != "ready":
-            raise WorkerStartError(f"worker-{self.cfg.index} failed to start: {detail}")
+            model = self.cfg.model
+            raise WorkerStartError(f"worker-{self.cfg.index} failed to start: {detail} "
+                                   f"(check --model {model.path} and --provider {model.provider})")
         self.ready = True
         self.info = detail
 

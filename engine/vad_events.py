@@ -1,50 +1,46 @@
 """Streaming speech segmentation: per-frame Silero probabilities -> start/end events.
 
-This replays silero-vad's offline ``get_speech_timestamps_from_probs`` (6.2.3,
-``use_max_poss_sil_at_max_speech=True``, ``min_silence_at_max_speech=98``) one
-frame at a time. The raw segmentation (threshold/neg_threshold hysteresis,
+Replays silero-vad's offline get_speech_timestamps_from_probs (6.2.3, with
+use_max_poss_sil_at_max_speech=True, min_silence_at_max_speech=98) one frame
+at a time: the raw segmentation (threshold/neg_threshold hysteresis,
 min_silence, min_speech, max_speech cuts at the longest pause) is identical;
-only the padding step, which upstream runs over the finished list, has to be
-decided as events go out. Sample offsets count from the stream start (or the
-last ``reset()``/``finish()``); frame k covers samples [k*W, (k+1)*W) with W =
-512 at 16 kHz and 256 at 8 kHz.
+only the padding, which upstream applies to the finished list, has to be
+decided as events go out. Offsets count from the stream start (or last
+reset()/finish()); frame k holds samples [k*W, (k+1)*W), W = 512 at 16 kHz,
+256 at 8 kHz. finish(n) expects n > (frames pushed - 1) * W, as offline has.
 
-When events are emitted:
-  * START once the segment is certain to pass the min_speech filter: at the
-    first frame where (temp_end, or cur_sample + 1 if not in a pause) - start >
-    min_speech, i.e. about min_speech_duration_ms after the onset, at the onset
-    frame itself when min_speech_duration_ms=0. (cur_sample + 1 because
-    finish(n) must be given n > cur_sample: the last frame held audio.)
-  * END when the pause reaches min_silence_duration_ms, or at the frame where
-    max_speech_duration_s is exceeded (with the next segment's START there
-    too when it is already certain; those offsets lie in the past).
-  * finish(n) closes an open segment at n, as upstream does at end of audio.
-    Segments that fail min_speech produce no events at all.
+When events go out:
+  * START once min_speech can no longer drop the segment: at the first frame
+    where (pause start if in a pause, else cur_sample + 1) - start >
+    min_speech, so about min_speech_duration_ms after the onset, and at the
+    onset frame itself when min_speech_duration_ms=0.
+  * END when the pause reaches min_silence_duration_ms, or at the frame that
+    exceeds max_speech_duration_s (the next frame for a cut without a pause,
+    see 3); the restarted segment's START follows once certain.
+  * finish(n) closes an open segment at n, as offline does at end of audio.
+    Segments dropped by min_speech produce no events.
 
-Differences from offline get_speech_timestamps (same probabilities, same params):
-  1. Gaps shorter than 2*speech_pad. Offline gives each neighbour half of the
-     gap; here the first END went out as raw_end + speech_pad before the next
-     segment existed, so the next START is max(raw_start - speech_pad, that
-     END): the segments touch, never overlap, and the earlier one keeps the
-     whole pad. Between pause-separated segments this needs 2*speech_pad_ms >
-     min_silence_duration_ms + one frame; with min_silence >= 2*speech_pad
-     (the defaults) it never happens.
-  2. A max_speech cut at a pause knows both sides, so it halves short gaps
-     exactly like offline. Offline would instead pad against the next
-     *surviving* segment if the one restarted after the cut is later dropped
-     by min_speech; that END has already been sent.
-  3. A max_speech cut with no pause >= 98 ms cuts at the current frame; its END
-     is cut + min(speech_pad, W/2). That equals offline when speech resumes on
-     the next frame (the usual case: there was no pause) or when speech_pad <=
-     W/2 samples; otherwise it is earlier than offline by at most
-     speech_pad - W/2 samples.
-  4. Offline clamps the last END to the audio length; an END sent before the
-     length is known is not clamped, so it can lie past the final sample when
-     the stream ends less than speech_pad after it (needs speech_pad_ms >
-     min_silence_duration_ms, or a max_speech cut in a partial last frame).
-  5. An END is never earlier than its START (only reachable when speech_pad is
-     longer than a whole segment), so absurd pads give empty, not inverted,
-     segments.
+Differences from offline get_speech_timestamps (same probabilities and params):
+  1. Offline gives each neighbour half of a gap shorter than 2*speech_pad.
+     Here the first END already went out as raw end + speech_pad, so the next
+     START is max(raw start - speech_pad, that END): the segments touch and
+     never overlap, and the earlier one keeps its whole pad. Between segments
+     split by a pause this needs 2*speech_pad_ms > min_silence_duration_ms +
+     one frame, so never with min_silence >= 2*speech_pad (as the defaults).
+  2. A max_speech cut at a pause knows both sides and halves a short gap like
+     offline, except when the restarted segment is later dropped by
+     min_speech: offline then pads against the next surviving segment.
+  3. A max_speech cut with no pause >= 98 ms, at frame sample c, sends its END
+     one frame later, once it is known whether speech restarts at once:
+     c + min(speech_pad, W/2) if it does, else c + min(speech_pad, W).
+     Offline agrees whenever speech_pad <= W (32 ms; the default is 30)
+     unless the restarted segment is later dropped by min_speech.
+  4. Offline clamps the last END to the audio length. An END sent at the end
+     of a pause cannot be, so it lies past the final sample if the stream
+     stops less than speech_pad after the speech did (this needs
+     speech_pad_ms > min_silence_duration_ms).
+  5. END is never before its START. Only pads longer than whole segments can
+     reach this, where offline would return an inverted segment.
 """
 from __future__ import annotations
 
@@ -57,7 +53,7 @@ from typing import Any
 
 _FRAME_SIZES = {16000: 512, 8000: 256}
 _MIN_SILENCE_AT_MAX_SPEECH_MS = 98  # upstream default; not a knob here
-_NO_EVENTS: tuple[SpeechEvent, ...] = ()
+_NO_EVENTS: tuple[SpeechEvent, ...] = ()  # shared: the hot path allocates nothing
 
 
 def _real(key: str, value: object, *, allow_inf: bool = False) -> float:
@@ -138,9 +134,9 @@ class SpeechEvent:
 
 
 class SpeechSegmenter:
-    __slots__ = ("params", "sample_rate", "frame_size", "_thr", "_neg", "_min_speech", "_pad",
-                 "_max_speech", "_min_silence", "_min_sil_max", "_frame", "_triggered", "_start",
-                 "_temp_end", "_best_end", "_best_dur", "_started", "_last_start", "_last_end")
+    __slots__ = ("_best_dur", "_best_end", "_frame", "_last_end", "_last_start", "_max_speech",
+                 "_min_sil_max", "_min_silence", "_min_speech", "_neg", "_pad", "_pending", "_start",
+                 "_started", "_temp_end", "_thr", "_triggered", "frame_size", "params", "sample_rate")
 
     def __init__(self, params: VadParams, sample_rate: int) -> None:
         if sample_rate not in _FRAME_SIZES:
@@ -148,9 +144,8 @@ class SpeechSegmenter:
         self.params, self.sample_rate = params, sample_rate
         self.frame_size = w = _FRAME_SIZES[sample_rate]
         sr = sample_rate
-        # Same float expressions as upstream so every comparison rounds the same way.
-        self._thr = params.threshold
-        self._neg = params.effective_neg_threshold
+        # Upstream's own float expressions, so every comparison rounds the same way.
+        self._thr, self._neg = params.threshold, params.effective_neg_threshold
         self._min_speech = sr * params.min_speech_duration_ms / 1000
         self._pad = sr * params.speech_pad_ms / 1000
         self._max_speech = sr * params.max_speech_duration_s - w - 2 * self._pad
@@ -159,10 +154,10 @@ class SpeechSegmenter:
         self.reset()
 
     def reset(self) -> None:
-        self._frame = 0
-        self._triggered = self._started = False
-        self._start = self._temp_end = self._best_end = self._best_dur = 0
+        self._frame = self._start = self._temp_end = self._best_end = self._best_dur = 0
         self._last_start = self._last_end = 0
+        self._pending = -1  # sample of a pause-less max_speech cut whose END waits a frame
+        self._triggered = self._started = False
 
     @property
     def in_speech(self) -> bool:
@@ -173,21 +168,21 @@ class SpeechSegmenter:
         self._frame = i + 1
         cur = i * self.frame_size
         speech = probability >= self._thr
+        events = _NO_EVENTS if self._pending < 0 else self._end_cut(i, speech)
         if speech and self._temp_end:
             sil = cur - self._temp_end
-            # Upstream keeps every pause and takes max() at the cut (first wins
-            # ties); keeping only the longest is the same answer in O(1).
+            # Upstream keeps every pause and takes max() at the cut (first one
+            # wins ties); keeping only the longest gives the same answer in O(1).
             if sil > self._min_sil_max and sil > self._best_dur:
                 self._best_end, self._best_dur = self._temp_end, sil
             self._temp_end = 0
         if not self._triggered:
             if not speech:
-                return _NO_EVENTS
+                return events
             self._triggered, self._start = True, cur
-            return self._start_if_certain(i, cur)
-        events = _NO_EVENTS
+            return events + self._start_if_certain(i, cur)
         if cur - self._start > self._max_speech:
-            events = self._cut(i, cur)
+            events += self._cut(i, cur)
             if not self._triggered:
                 return events
         if probability < self._neg:
@@ -197,26 +192,26 @@ class SpeechSegmenter:
                 end = self._temp_end
                 if self._started or end - self._start > self._min_speech:
                     events += self._close(i, int(end + self._pad))
-                self._triggered = self._started = False
+                self._triggered = False
                 self._temp_end = self._best_dur = 0
                 return events
-        return events + self._start_if_certain(i, cur) if not self._started else events
+        return events if self._started else events + self._start_if_certain(i, cur)
 
     def finish(self, audio_length_samples: int) -> tuple[SpeechEvent, ...]:
-        if audio_length_samples < 0:
-            raise ValueError(f"audio_length_samples must be >= 0, got {audio_length_samples}")
+        n, i = audio_length_samples, self._frame - 1
+        if n < 0:
+            raise ValueError(f"audio_length_samples must be >= 0, got {n}")
         events = _NO_EVENTS
-        if self._triggered and (
-            self._started or audio_length_samples - self._start > self._min_speech
-        ):
-            # Upstream ends the open segment at the audio length; min(n, n + pad) == n.
-            events = self._close(self._frame - 1, audio_length_samples)
+        if self._pending >= 0:  # nothing follows the cut: plain pad, clamped like offline
+            events = self._close(i, int(min(n, self._pending + self._pad)))
+        elif self._triggered and (self._started or n - self._start > self._min_speech):
+            events = self._close(i, n)  # offline ends it at n; min(n, n + pad) == n
         self.reset()
         return events
 
     def _start_if_certain(self, i: int, cur: int) -> tuple[SpeechEvent, ...]:
-        # Earliest possible end: the pause already under way, else the next
-        # frame's pause or finish(n > cur); min_speech can no longer drop it.
+        # Earliest possible end: the pause under way, else the next frame's
+        # pause or finish(n > cur). Past min_speech from there, it stays.
         if (self._temp_end or cur + 1) - self._start > self._min_speech:
             return (self._emit_start(i),)
         return _NO_EVENTS
@@ -229,23 +224,29 @@ class SpeechSegmenter:
     def _close(self, i: int, end: int) -> tuple[SpeechEvent, ...]:
         head = _NO_EVENTS if self._started else (self._emit_start(i),)
         self._started = False
-        self._last_end = max(end, self._last_start)
+        self._last_end = end
         return head + (SpeechEvent(EventKind.END, self._last_end, i),)
 
     def _cut(self, i: int, cur: int) -> tuple[SpeechEvent, ...]:
-        # max_speech exceeded: upstream appends this segment whatever its length.
-        if self._best_dur:
-            end, dur = self._best_end, self._best_dur
-            # Upstream's test reads `next_start < prev_end + cur_sample`: always
-            # true in practice, but replicated rather than assumed.
-            resumes = dur < cur
-            pad = dur // 2 if resumes and dur < 2 * self._pad else self._pad
-            events = self._close(i, int(end + pad))
-            self._triggered, self._start = resumes, end + dur
-        else:
-            # Speech usually resumes on the next frame, where offline would
-            # split the one-frame gap in half.
-            events = self._close(i, int(cur + min(self._pad, self.frame_size // 2)))
-            self._triggered = False
-        self._temp_end = self._best_dur = 0
+        # max_speech exceeded: offline keeps this segment whatever its length.
+        self._temp_end = 0
+        if not self._best_dur:  # no pause to cut at: cut here, END waits a frame
+            self._pending, self._triggered = cur, False
+            return _NO_EVENTS if self._started else (self._emit_start(i),)
+        end, dur = self._best_end, self._best_dur
+        self._best_dur = 0
+        # Upstream restarts iff `next_start < prev_end + cur_sample`, i.e.
+        # dur < cur: always in practice, but replicated rather than assumed.
+        restarts = dur < cur
+        events = self._close(i, end + dur // 2 if restarts and dur < 2 * self._pad
+                             else int(end + self._pad))
+        self._triggered, self._start = restarts, end + dur
         return events
+
+    def _end_cut(self, i: int, speech: bool) -> tuple[SpeechEvent, ...]:
+        # Offline halves the gap to the next segment if it is under 2*pad: a
+        # one-frame gap if speech restarts now, else at least two frames.
+        cut, self._pending = self._pending, -1
+        w = self.frame_size
+        return self._close(i, cut + w // 2 if speech and w < 2 * self._pad
+                           else int(cut + min(self._pad, w)))

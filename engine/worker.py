@@ -187,8 +187,10 @@ def worker_main(cfg: WorkerConfig, in_bell: Doorbell, out_bell: Doorbell,
         states, done = cfg.state_layout.views(state_segment.buf)
     except BaseException as exc:  # report any start-up failure to the daemon, then exit
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        ready_conn.send(("error", detail))
-        ready_conn.close()
+        try:
+            ready_conn.send(("error", detail))
+        except OSError:
+            pass  # the daemon already gave up (another worker failed first)
         os._exit(1)
     stats.counters[STARTED_NS] = time.monotonic_ns()
     ready_conn.send(("ready", {"pid": os.getpid(), "provider": model.provider}))

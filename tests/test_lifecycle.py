@@ -1,0 +1,115 @@
+"""Daemon lifecycle: ready line, clean stops, start-up failures, and what a killed daemon leaves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.client import Client
+from engine.models.silero import SILERO_SHA256
+from tests.conftest import REPO, spawn_daemon
+
+
+def shm_names(pid: int) -> list[str]:
+    return sorted(name for name in os.listdir("/dev/shm") if name.startswith(f"ringserve-{pid}-"))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ")[1].startswith("Z"))
+
+
+def wait_gone(pids: list[int], timeout: float = 15) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and [p for p in pids if pid_alive(p)]:
+        time.sleep(0.05)
+    return [p for p in pids if pid_alive(p)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_by_signal_leaves_nothing_behind(sig: int) -> None:
+    daemon = spawn_daemon()
+    ready = daemon.wait_for_line("ready:", 1)
+    assert daemon.endpoint in ready and "workers=2" in ready and SILERO_SHA256 in ready and "onnxruntime=" in ready
+    ipc_file = daemon.endpoint[len("ipc://"):]
+    assert oct(os.stat(ipc_file).st_mode & 0o777) == "0o600"
+    with Client(daemon.endpoint) as client:
+        stream = client.open_stream()
+        stream.send(np.zeros(16000, np.int16))
+        workers = [w["pid"] for w in client.stats()["workers"]]
+        assert len(shm_names(daemon.pid)) == 3  # state table + one segment per worker
+    assert daemon.stop(sig) == 0, daemon.log()
+    assert "[shutdown]" in daemon.log()
+    assert shm_names(daemon.pid) == []
+    assert not os.path.exists(ipc_file)
+    assert wait_gone(workers) == []
+
+
+def test_bad_model_fails_fast_naming_the_cause(tmp_path: Path) -> None:
+    bogus = tmp_path / "broken.onnx"
+    bogus.write_bytes(b"this is not an onnx model")
+    started = time.monotonic()
+    daemon = spawn_daemon("--model", str(bogus), wait_ready=False)
+    code = daemon.proc.wait(120)
+    daemon.stop()
+    assert code != 0
+    assert time.monotonic() - started < 60
+    log = daemon.log()
+    assert "worker-0 failed to start" in log or "worker-1 failed to start" in log, log
+    assert "--model" in log and "ready:" not in log
+    assert shm_names(daemon.pid) == []
+
+
+def test_missing_model_and_bad_flags() -> None:
+    result = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--model", "/nonexistent.onnx"],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 1 and "/nonexistent.onnx" in result.stderr and "--model" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--workers", "0"],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 1 and "workers" in result.stderr
+
+
+def test_endpoint_in_use_is_refused() -> None:
+    first = spawn_daemon("--workers", "1")
+    try:
+        second = spawn_daemon("--workers", "1", endpoint=first.endpoint, wait_ready=False)
+        assert second.proc.wait(120) == 1
+        second.stop()
+        assert "already listening" in second.log()
+        with Client(first.endpoint) as client:
+            client.ping()
+    finally:
+        assert first.stop() == 0
+
+
+def test_kill_9_cycles_leave_nothing_behind() -> None:
+    endpoint = f"ipc://{tempfile.mkdtemp(prefix='rs-')}/engine.sock"
+    killed: list[int] = []
+    workers: list[int] = []
+    for _ in range(10):
+        daemon = spawn_daemon("--workers", "1", endpoint=endpoint)
+        with Client(endpoint) as client:
+            client.open_stream().send(np.zeros(2048, np.int16))
+            workers += [w["pid"] for w in client.stats()["workers"]]
+        daemon.stop(signal.SIGKILL)
+        killed.append(daemon.pid)
+    assert wait_gone(workers) == [], "workers must leave when their daemon dies"
+    last = spawn_daemon("--workers", "1", endpoint=endpoint)
+    with Client(endpoint) as client:
+        client.ping()
+    assert last.stop() == 0
+    leftovers = [name for pid in killed for name in shm_names(pid)]
+    assert leftovers == []
+    assert not os.path.exists(endpoint[len("ipc://"):])
