@@ -40,8 +40,12 @@ class Event:
 @dataclass(frozen=True, slots=True)
 class Result:
     frame: int
-    probability: float
+    probability: float  # NaN when the engine shed the frame under overload
     events: tuple[Event, ...] = ()
+
+    @property
+    def shed(self) -> bool:
+        return self.probability != self.probability
 
 
 def _pcm_bytes(pcm: np.ndarray | bytes | bytearray | memoryview, dtype: P.DType) -> bytes:
@@ -61,7 +65,7 @@ class Client:
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 10.0) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
-        self._context = zmq.Context.instance()
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(endpoint)
@@ -124,13 +128,17 @@ class Client:
 
     # ---- API ---------------------------------------------------------------------------
     def open_stream(self, sample_rate: int = 16000, dtype: str = "int16", stream_id: int | None = None,
-                    **vad: float | None) -> Stream:
+                    shed_after_ms: int | None = None, **vad: float | None) -> Stream:
+        """Open a stream. ``shed_after_ms``: how late a frame may fall behind real time before the
+        engine sheds it under overload (None: the server's default; 0: never, for offline work)."""
         unknown = set(vad) - set(_VAD_KEYS)
         if unknown:
             raise TypeError(f"unknown VAD parameter(s) {sorted(unknown)}; known: {list(_VAD_KEYS)}")
         sid = next(self._stream_ids) if stream_id is None else stream_id
         request_id = self.next_request_id()
-        params = {"sample_rate": sample_rate, "dtype": dtype, "vad": {k: v for k, v in vad.items()}}
+        params: dict[str, Any] = {"sample_rate": sample_rate, "dtype": dtype, "vad": dict(vad)}
+        if shed_after_ms is not None:
+            params["shed_after_ms"] = shed_after_ms
         reply = self.request(P.encode_open(request_id, sid, params), request_id)
         info = P.decode_json(reply[P.HEADER.size + P.STREAM_ID.size:])
         return Stream(self, sid, info)

@@ -46,7 +46,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
     chunk = max(1, int(audio.sample_rate * args.chunk_ms / 1000))
     results: list[Result] = []
     with Client(args.endpoint) as client:
-        stream = client.open_stream(audio.sample_rate, "int16", threshold=args.threshold,
+        # A file sent faster than real time is offline work: never shed its frames.
+        stream = client.open_stream(audio.sample_rate, "int16", shed_after_ms=None if args.realtime else 0,
+                                    threshold=args.threshold,
                                     min_silence_duration_ms=args.min_silence_duration_ms,
                                     speech_pad_ms=args.speech_pad_ms,
                                     min_speech_duration_ms=args.min_speech_duration_ms)

@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Callable
 
-from engine.config import DEFAULT_BIND, ConfigError, ServeConfig
+from engine.config import ConfigError, ServeConfig
 
 log = logging.getLogger("ringserve")
 
@@ -19,57 +19,73 @@ Every worker loads and warms the model before the daemon binds; the log then sho
 """
 
 
+SETTING_HELP = {
+    "bind": "endpoint to listen on, repeatable: tcp://HOST:PORT or ipc:///path",
+    "workers": "worker processes, each with its own onnxruntime session (default: the CPU count)",
+    "model": "ONNX model file (default: silero_vad.onnx from the silero-vad wheel)",
+    "provider": "onnxruntime execution provider: auto (CUDA when present, else CPU), cpu, cuda, tensorrt",
+    "intra_op_threads": "onnxruntime intra-op threads per worker",
+    "max_streams": "streams the engine holds at once, all connections together",
+    "max_batch": "most frames a worker runs in one batch",
+    "batch_delay_us": "wait up to this long for a fuller batch; 0 runs whatever is ready",
+    "spin_us": "busy-wait this long for more work before blocking on a doorbell",
+    "ring_mib": "size of each worker's input ring (MiB)",
+    "ready_timeout_s": "how long workers may take to load and warm the model",
+    "max_message_bytes": "largest client message accepted",
+    "max_streams_per_connection": "streams one connection may hold",
+    "max_in_flight_frames": "frames one stream may have queued in the engine",
+    "idle_timeout_s": "close a stream that sent nothing for this long",
+    "shed_after_ms": "overload policy: frames queued longer than this are shed (NaN result); 0 never sheds",
+    "http": "also serve /live, /ready, /stats and /metrics over HTTP on HOST:PORT",
+    "log_level": "debug, info, warning or error",
+    "log_format": "text or json",
+}
+
+
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
-    defaults = ServeConfig()
+    from engine.settings import FIELDS, _kind
+
+    defaults = ServeConfig().to_dict()
     p = sub.add_parser("serve", help="run the engine daemon", description=SERVE_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bind", action="append", metavar="ENDPOINT",
-                   help=f"endpoint to listen on, repeatable: tcp://HOST:PORT or ipc:///path (default {DEFAULT_BIND})")
-    p.add_argument("--workers", type=int, default=defaults.workers,
-                   help="worker processes, each with its own onnxruntime session (default: CPU cores, %(default)s)")
-    p.add_argument("--model", help="ONNX model file (default: silero_vad.onnx from the silero-vad wheel)")
-    p.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"], default=defaults.provider,
-                   help="onnxruntime execution provider (default %(default)s)")
-    p.add_argument("--intra-op-threads", type=int, default=defaults.intra_op_threads,
-                   help="onnxruntime intra-op threads per worker (default %(default)s)")
-    p.add_argument("--max-streams", type=int, default=defaults.max_streams,
-                   help="streams the engine holds at once, all connections together (default %(default)s)")
-    p.add_argument("--max-streams-per-connection", type=int, default=defaults.max_streams_per_connection,
-                   help="streams one connection may hold (default %(default)s)")
-    p.add_argument("--max-batch", type=int, default=defaults.max_batch,
-                   help="most frames a worker runs in one batch (default %(default)s)")
-    p.add_argument("--batch-delay-us", type=int, default=defaults.batch_delay_us,
-                   help="wait up to this long for a fuller batch; 0 runs whatever is ready (default %(default)s)")
-    p.add_argument("--spin-us", type=int, default=defaults.spin_us,
-                   help="busy-wait this long for more work before blocking (default %(default)s)")
-    p.add_argument("--ring-mib", type=int, default=defaults.ring_mib,
-                   help="size of each worker's input ring in MiB (default %(default)s)")
-    p.add_argument("--max-in-flight-frames", type=int, default=defaults.max_in_flight_frames,
-                   help="frames one stream may have queued in the engine (default %(default)s)")
-    p.add_argument("--max-message-bytes", type=int, default=defaults.max_message_bytes,
-                   help="largest client message accepted (default %(default)s)")
-    p.add_argument("--idle-timeout-s", type=float, default=defaults.idle_timeout_s,
-                   help="close a stream that sent nothing for this long (default %(default)s)")
-    p.add_argument("--ready-timeout-s", type=float, default=defaults.ready_timeout_s,
-                   help="how long workers may take to load the model (default %(default)s)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=defaults.log_level)
-    p.add_argument("--log-format", choices=["text", "json"], default="text")
+    p.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file (flags and "
+                   "RINGSERVE_* environment variables override it)")
+    p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    for name in FIELDS:
+        flag = "--" + name.replace("_", "-")
+        kind = _kind(name)
+        default = defaults[name]
+        shown = ", ".join(default) if isinstance(default, list) else default
+        help_text = f"{SETTING_HELP[name]} (default: {shown}; env RINGSERVE_{name.upper()})"
+        if kind == "list":
+            p.add_argument(flag, dest=name, action="append", metavar="ENDPOINT", default=argparse.SUPPRESS,
+                           help=help_text)
+        else:
+            convert = {"int": int, "float": float}.get(kind, str)
+            p.add_argument(flag, dest=name, type=convert, default=argparse.SUPPRESS,
+                           metavar=name.upper(), help=help_text)
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from engine.daemon import Daemon
     from engine.logs import setup_logging
+    from engine.settings import FIELDS, build_config, to_toml
 
-    setup_logging(args.log_level, args.log_format)
+    flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    if "bind" in flags:
+        flags["bind"] = tuple(flags["bind"])
     try:
-        cfg = ServeConfig(
-            bind=tuple(args.bind or (DEFAULT_BIND,)), workers=args.workers, model=args.model,
-            provider=args.provider, intra_op_threads=args.intra_op_threads, max_streams=args.max_streams,
-            max_streams_per_connection=args.max_streams_per_connection, max_batch=args.max_batch,
-            batch_delay_us=args.batch_delay_us, spin_us=args.spin_us, ring_mib=args.ring_mib,
-            max_in_flight_frames=args.max_in_flight_frames, max_message_bytes=args.max_message_bytes,
-            idle_timeout_s=args.idle_timeout_s, ready_timeout_s=args.ready_timeout_s, log_level=args.log_level)
+        cfg, origin = build_config(flags, args.config)
+    except ConfigError as exc:
+        print(f"ringserve serve: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_toml(cfg, origin), end="")
+        return 0
+    setup_logging(cfg.log_level, cfg.log_format)
+    from engine.daemon import Daemon
+
+    try:
         Daemon(cfg).run()
     except (ConfigError, RuntimeError, FileNotFoundError) as exc:
         log.error("%s", exc)

@@ -30,7 +30,10 @@ class ServeConfig:
     max_streams_per_connection: int = 1024
     max_in_flight_frames: int = 2048
     idle_timeout_s: float = 300.0
+    shed_after_ms: int = 1000
+    http: str | None = None  # HOST:PORT of the optional HTTP health/metrics listener
     log_level: str = "info"
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, allowed: str) -> None:
@@ -53,6 +56,9 @@ class ServeConfig:
         need(1 <= self.max_streams_per_connection, "max_streams_per_connection", "a positive integer")
         need(1 <= self.max_in_flight_frames, "max_in_flight_frames", "a positive integer")
         need(self.idle_timeout_s > 0, "idle_timeout_s", "a positive number of seconds")
+        need(0 <= self.shed_after_ms <= 3_600_000, "shed_after_ms", "0 (never shed) to 3600000 ms")
+        need(self.http is None or _host_port(self.http), "http", "HOST:PORT, e.g. 127.0.0.1:8080")
+        need(self.log_format in ("text", "json"), "log_format", "text or json")
         need(self.log_level in ("debug", "info", "warning", "error"), "log_level", "debug, info, warning or error")
 
     @classmethod
@@ -61,3 +67,8 @@ class ServeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+
+def _host_port(value: str) -> bool:
+    host, _, port = value.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536

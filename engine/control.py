@@ -6,6 +6,7 @@ streams, and ids never collide across connections.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections import Counter
@@ -13,6 +14,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from engine.stats import BUCKETS_US, N_BUCKETS
 from engine.streams import PendingChunk, Stream
 from engine.vad_events import SpeechSegmenter, VadParams
 from transport import protocol as P
@@ -21,7 +23,8 @@ from transport.protocol import ErrorCode, MsgType, ProtocolError
 from transport.ring import Ring
 
 log = logging.getLogger("ringserve.streams")
-_OPEN_KEYS = {"sample_rate", "dtype", "vad"}
+_OPEN_KEYS = {"sample_rate", "dtype", "vad", "shed_after_ms"}
+BUCKETS_S = [b / 1e6 for b in BUCKETS_US]
 
 
 class Outlet(Protocol):
@@ -33,7 +36,7 @@ class Outlet(Protocol):
 
 class StreamTable:
     def __init__(self, *, max_streams: int, max_per_connection: int, max_in_flight: int,
-                 max_message_bytes: int, idle_timeout_s: float, n_workers: int,
+                 max_message_bytes: int, idle_timeout_s: float, shed_after_ms: int, n_workers: int,
                  frame_samples: dict[int, int], context_samples: dict[int, int],
                  stats_provider: Callable[[], dict[str, Any]]) -> None:
         self.max_streams = max_streams
@@ -41,6 +44,7 @@ class StreamTable:
         self.max_in_flight = max_in_flight
         self.max_message_bytes = max_message_bytes
         self.idle_timeout_s = idle_timeout_s
+        self.shed_after_ms = shed_after_ms
         self.frame_samples = frame_samples
         self.context_samples = context_samples
         self.stats_provider = stats_provider
@@ -53,6 +57,8 @@ class StreamTable:
         self.per_connection: Counter[bytes] = Counter()
         self.worker_load = [0] * n_workers
         self.counters: Counter[str] = Counter()
+        self.request_hist = [0] * N_BUCKETS  # arrival -> reply of audio chunks
+        self.request_s_total = 0.0
 
     # ---- dispatch ----------------------------------------------------------------------
     def on_message(self, identity: bytes, msg: bytes) -> None:
@@ -108,6 +114,12 @@ class StreamTable:
             vad_params = VadParams.from_mapping(vad if isinstance(vad, dict) else {"vad": vad})
         except ValueError as exc:
             raise ProtocolError(ErrorCode.BAD_PARAMS, str(exc)) from None
+        shed_after_ms = params.get("shed_after_ms", self.shed_after_ms)
+        if shed_after_ms is None:
+            shed_after_ms = self.shed_after_ms
+        if not isinstance(shed_after_ms, int) or isinstance(shed_after_ms, bool) or not 0 <= shed_after_ms < 2**31:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"shed_after_ms {shed_after_ms!r} must be an integer >= 0 "
+                                "(0: never shed this stream's frames)")
         key = (identity, stream_id)
         if key in self.streams:
             raise ProtocolError(ErrorCode.STREAM_EXISTS, f"stream {stream_id} is already open on this connection")
@@ -123,11 +135,13 @@ class StreamTable:
         stream = Stream(identity, stream_id, slot, worker, rate, self.frame_samples[rate],
                         self.context_samples[rate], P.DTYPE_NAMES[dtype_name],
                         SpeechSegmenter(vad_params, rate), self.slot_seq[slot], time.monotonic())
+        stream.shed_after_ms = shed_after_ms
         self.streams[key] = self.by_slot[slot] = stream
         self.per_connection[identity] += 1
         self.counters["streams_opened"] += 1
         reply = {"stream": stream_id, "sample_rate": rate, "frame_samples": stream.frame,
-                 "dtype": dtype_name, "vad": vad_params.to_dict(), "max_message_bytes": self.max_message_bytes}
+                 "dtype": dtype_name, "vad": vad_params.to_dict(), "max_message_bytes": self.max_message_bytes,
+                 "shed_after_ms": shed_after_ms}
         self._out().send(identity, P.header(MsgType.OPENED, request_id) + P.STREAM_ID.pack(stream_id)
                          + P.encode_json(reply))
 
@@ -183,12 +197,12 @@ class StreamTable:
             self.counters["frames_refused_overloaded"] += new_frames
             raise ProtocolError(ErrorCode.OVERLOADED, "the engine is overloaded: this chunk was not "
                                 "used; retry later, or add workers")
-        stream.last_active = time.monotonic()
+        stream.last_active = now = time.monotonic()
         count = stream.append(samples)
         if count:
             self._out().write_frames(stream, count)
         self.counters["frames_in"] += count
-        stream.chunks.append(PendingChunk(chunk_seq, request_id, stream.next_seq))
+        stream.chunks.append(PendingChunk(chunk_seq, request_id, stream.next_seq, arrived=now))
         if count == 0:
             self.complete_chunks(stream)
 
@@ -202,6 +216,9 @@ class StreamTable:
             log.error("slot %d: result seq %d, expected %d", slot, seq, stream.expected_seq)
             self.counters["errors_internal"] += 1
             return
+        if prob != prob:  # NaN: the worker shed this frame (overload policy, see worker.py)
+            stream.chunks[0].shed += 1
+            self.counters["frames_shed"] += 1
         events = stream.on_result(prob)
         if events:
             stream.chunks[0].events.extend((e.kind, e.frame, e.sample) for e in events)
@@ -213,16 +230,20 @@ class StreamTable:
         while stream.chunks and stream.chunks[0].end_seq <= stream.expected_seq:
             chunk = stream.chunks.popleft()
             first = chunk.first_frame if chunk.first_frame >= 0 else stream.expected_seq - stream.frame_base
-            flags = 0
+            flags = P.ResultFlag.SHED if chunk.shed else 0
             if chunk.kind == "reset":
                 stream.segmenter.reset()
                 stream.frame_base = stream.expected_seq
                 self._out().send(stream.identity, P.header(MsgType.RESET_DONE, chunk.request_id)
                                  + P.STREAM_ID.pack(stream.stream_id))
                 continue
+            if chunk.kind == "audio":
+                elapsed = time.monotonic() - chunk.arrived
+                self.request_hist[bisect.bisect_left(BUCKETS_S, elapsed)] += 1
+                self.request_s_total += elapsed
             if chunk.kind == "close":
                 chunk.events.extend((e.kind, e.frame, e.sample) for e in stream.segmenter.finish(stream.samples_in))
-                flags = P.ResultFlag.FINAL
+                flags |= P.ResultFlag.FINAL
             self._out().queue_result(stream.identity, P.encode_result_item(
                 stream.stream_id, chunk.chunk_seq, first, chunk.probs.tobytes(), chunk.events, flags))
             if chunk.kind == "close":

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import enum
 import logging
+import multiprocessing
 import os
 import signal
 import time
 from contextlib import ExitStack
 from types import FrameType
+from typing import Any
 
 import onnxruntime
 import zmq
@@ -25,6 +27,7 @@ import zmq
 from engine.config import ServeConfig
 from engine.control import StreamTable
 from engine.frontend import FrontEnd, WorkerLink
+from engine.http import fetch_stats, start_http
 from engine.layout import StateLayout, WorkerLayout
 from engine.models.base import ModelSpec
 from engine.models.silero import CONTEXT_SAMPLES, FRAME_SAMPLES, SILERO_SHA256, SileroVad, default_model_path, file_sha256
@@ -37,6 +40,7 @@ from transport.ring import Ring
 from transport.shm import Segment, check_free_space, remove_orphans, segment_name
 
 log = logging.getLogger("ringserve.daemon")
+ADMIN_ENDPOINT = "inproc://ringserve-admin"
 
 
 class State(enum.Enum):
@@ -69,6 +73,7 @@ class Daemon:
 
     def run(self) -> None:
         cfg = self.cfg
+        multiprocessing.current_process().name = "front-end"  # log lines say which process
         removed = remove_orphans()
         if removed:
             log.warning("removed %d shared-memory segment(s) left by a dead daemon: %s", len(removed), removed)
@@ -78,6 +83,12 @@ class Daemon:
         check_free_space(cfg.workers * layout.total + state_layout.total)
         spec = ModelSpec(self.model_path, cfg.provider, cfg.intra_op_threads)
         with ExitStack() as cleanup:
+            context = zmq.Context()
+            cleanup.callback(context.term)
+            if cfg.http:
+                server = start_http(cfg.http, lambda: self.http_status(context))
+                cleanup.callback(server.server_close)
+                cleanup.callback(server.shutdown)
             wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             cleanup.callback(os.close, wake_r)
             cleanup.callback(os.close, wake_w)
@@ -100,7 +111,7 @@ class Daemon:
                 cleanup.callback(in_ring.close)
                 cleanup.callback(out_ring.close)
                 worker_cfg = WorkerConfig(index, spec, segment.name, layout, state_segment.name, state_layout,
-                                          cfg.max_batch, cfg.spin_us, cfg.batch_delay_us)
+                                          cfg.max_batch, cfg.spin_us, cfg.batch_delay_us, cfg.log_level, cfg.log_format)
                 proc = WorkerProcess(worker_cfg, in_bell, out_bell)
                 cleanup.callback(proc.stop, 2.0)
                 stats = WorkerStats(segment.buf[layout.stats_offset:layout.total])
@@ -113,8 +124,6 @@ class Daemon:
             if self.state != State.STARTING:
                 return
 
-            context = zmq.Context()
-            cleanup.callback(context.term)
             router = context.socket(zmq.ROUTER)
             cleanup.callback(router.close, 0)
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -125,13 +134,14 @@ class Daemon:
             # setting; beyond that libzmq drops the connection before allocating anything.
             router.setsockopt(zmq.MAXMSGSIZE, 2 * cfg.max_message_bytes)
             ipc_paths = bind_all(router, cfg.bind)
+            router.bind(ADMIN_ENDPOINT)  # the HTTP thread's way in (see engine/http.py)
             cleanup.callback(remove_ipc_files, ipc_paths)
-            self.endpoints = [router.getsockopt_string(zmq.LAST_ENDPOINT)] if len(cfg.bind) == 1 else list(cfg.bind)
+            self.endpoints = list(cfg.bind)
 
             table = StreamTable(
                 max_streams=cfg.max_streams, max_per_connection=cfg.max_streams_per_connection,
                 max_in_flight=cfg.max_in_flight_frames, max_message_bytes=cfg.max_message_bytes,
-                idle_timeout_s=cfg.idle_timeout_s, n_workers=cfg.workers,
+                idle_timeout_s=cfg.idle_timeout_s, shed_after_ms=cfg.shed_after_ms, n_workers=cfg.workers,
                 frame_samples=FRAME_SAMPLES, context_samples=CONTEXT_SAMPLES,
                 stats_provider=self.stats)
             self.frontend = FrontEnd(cfg, router, links, table, wake_r, lambda: self.state != State.RUNNING)
@@ -155,6 +165,11 @@ class Daemon:
     @staticmethod
     def workers_of(links: list[WorkerLink]) -> list[WorkerProcess]:
         return [link.proc for link in links]
+
+    def http_status(self, context: zmq.Context) -> dict[str, Any]:
+        if self.state != State.RUNNING:
+            return {"live": True, "ready": False, "state": self.state.value}
+        return fetch_stats(context, ADMIN_ENDPOINT)
 
     def stats(self) -> dict[str, object]:
         from engine.metrics import collect_stats

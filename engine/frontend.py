@@ -119,7 +119,7 @@ class FrontEnd:
         else:
             target = view
         records.FRAMES_HEADER.pack_into(target, 0, records.KIND_FRAMES, count, width, stream.rate,
-                                        time.monotonic_ns())
+                                        time.monotonic_ns(), stream.shed_after_ms)
         meta, audio = records.frames_views(target, count, width)
         meta["seq"] = np.arange(stream.next_seq, stream.next_seq + count, dtype=np.uint64)
         meta["slot"] = stream.slot
@@ -196,7 +196,7 @@ class FrontEnd:
             watched = [link.proc.sentinel for link in self.links]
             for fd in watched:
                 poller.register(fd, zmq.POLLIN)
-            poller.poll(timeout=1000 * _HOUSEKEEPING_S * 4)
+            poller.poll(timeout=int(1000 * _HOUSEKEEPING_S * 4))
             for fd in watched:
                 poller.unregister(fd)
             for link in self.links:

@@ -8,6 +8,8 @@ monitoring and keeps locks off the hot path.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 # Histogram bucket upper bounds in microseconds (Prometheus-style "le"); last is +Inf.
@@ -15,7 +17,7 @@ BUCKETS_US = np.array([50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000,
                       dtype=np.float64)
 N_BUCKETS = len(BUCKETS_US) + 1
 
-FRAMES, EXECUTIONS, COMPUTE_NS, QUEUE_NS, BUSY_NS, REPLAYED, STARTED_NS = range(7)  # word indexes
+FRAMES, EXECUTIONS, COMPUTE_NS, QUEUE_NS, BUSY_NS, REPLAYED, STARTED_NS, SHED = range(8)  # word indexes
 N_COUNTERS = 8
 WORKER_STATS_BYTES = 8 * (N_COUNTERS + 2 * N_BUCKETS)
 
@@ -40,7 +42,7 @@ class WorkerStats:
         np.add.at(self.queue_hist, np.searchsorted(BUCKETS_US, queue_us), 1)
         self.compute_hist[np.searchsorted(BUCKETS_US, compute_ns / 1000)] += 1
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self) -> dict[str, Any]:
         c = [int(v) for v in self.counters]
         return {
             "frames": c[FRAMES],
@@ -49,6 +51,7 @@ class WorkerStats:
             "queue_s": c[QUEUE_NS] / 1e9,
             "busy_s": c[BUSY_NS] / 1e9,
             "replayed_frames": c[REPLAYED],
+            "shed_frames": c[SHED],
             "queue_hist": [int(v) for v in self.queue_hist],
             "compute_hist": [int(v) for v in self.compute_hist],
         }

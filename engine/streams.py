@@ -28,12 +28,14 @@ class PendingChunk:
     probs: array.array = field(default_factory=lambda: array.array("f"))
     events: list[tuple[int, int, int]] = field(default_factory=list)
     kind: str = "audio"  # "audio" | "reset" | "close"
+    shed: int = 0  # frames of this chunk shed under overload (NaN probability)
+    arrived: float = 0.0  # time.monotonic() when the request arrived
 
 
 class Stream:
     __slots__ = ("identity", "stream_id", "slot", "worker", "rate", "frame", "context", "dtype",
                  "buf", "buf_len", "next_seq", "expected_seq", "frame_base", "fresh", "segmenter",
-                 "samples_in", "samples_out", "chunks", "closing", "last_active")
+                 "samples_in", "samples_out", "chunks", "closing", "last_active", "shed_after_ms")
 
     def __init__(self, identity: bytes, stream_id: int, slot: int, worker: int, rate: int,
                  frame: int, context: int, dtype: int, segmenter: SpeechSegmenter, first_seq: int,
@@ -58,6 +60,7 @@ class Stream:
         self.chunks: collections.deque[PendingChunk] = collections.deque()
         self.closing = False
         self.last_active = now
+        self.shed_after_ms = 0  # overload deadline for this stream's frames; 0: never shed
 
     @property
     def in_flight(self) -> int:

@@ -2,21 +2,20 @@
 
 Replays silero-vad's offline get_speech_timestamps_from_probs (6.2.3, with
 use_max_poss_sil_at_max_speech=True, min_silence_at_max_speech=98) one frame
-at a time: the raw segmentation (threshold/neg_threshold hysteresis,
+at a time. The raw segmentation (threshold/neg_threshold hysteresis,
 min_silence, min_speech, max_speech cuts at the longest pause) is identical;
-only the padding, which upstream applies to the finished list, has to be
-decided as events go out. Offsets count from the stream start (or last
-reset()/finish()); frame k holds samples [k*W, (k+1)*W), W = 512 at 16 kHz,
-256 at 8 kHz. finish(n) expects n > (frames pushed - 1) * W, as offline has.
+only the padding, which offline applies to the finished list, must be decided
+as events go out. Offsets count from the stream start (or reset()/finish());
+frame k holds samples [k*W, (k+1)*W), W = 512 at 16 kHz, 256 at 8 kHz;
+finish(n) expects n > (frames pushed - 1) * W, as offline has.
 
 When events go out:
   * START once min_speech can no longer drop the segment: at the first frame
     where (pause start if in a pause, else cur_sample + 1) - start >
-    min_speech, so about min_speech_duration_ms after the onset, and at the
-    onset frame itself when min_speech_duration_ms=0.
+    min_speech: min_speech_duration_ms after the onset, at once if it is 0.
   * END when the pause reaches min_silence_duration_ms, or at the frame that
-    exceeds max_speech_duration_s (the next frame for a cut without a pause,
-    see 3); the restarted segment's START follows once certain.
+    exceeds max_speech_duration_s (a frame later for a cut without a pause,
+    see 3); the restarted segment's START follows once it is certain.
   * finish(n) closes an open segment at n, as offline does at end of audio.
     Segments dropped by min_speech produce no events.
 
@@ -39,15 +38,16 @@ Differences from offline get_speech_timestamps (same probabilities and params):
      of a pause cannot be, so it lies past the final sample if the stream
      stops less than speech_pad after the speech did (this needs
      speech_pad_ms > min_silence_duration_ms).
-  5. END is never before its START. Only pads longer than whole segments can
-     reach this, where offline would return an inverted segment.
+  5. An END is never before its START. If 1 pushes a short segment's START
+     past its own padded end, it becomes empty ([x, x] at the previous END)
+     where offline has a halved gap; the segment count stays the same.
 """
 from __future__ import annotations
 
 import enum
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -56,14 +56,13 @@ _MIN_SILENCE_AT_MAX_SPEECH_MS = 98  # upstream default; not a knob here
 _NO_EVENTS: tuple[SpeechEvent, ...] = ()  # shared: the hot path allocates nothing
 
 
-def _real(key: str, value: object, *, allow_inf: bool = False) -> float:
-    # bool is an int subclass and would silently mean 0/1.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-    out = float(value)
-    if math.isnan(out) or (math.isinf(out) and not allow_inf):
-        raise ValueError(f"{key}: expected a finite number, got {value!r}")
-    return out
+def _check(key: str, value: object, ok: Callable[[float], bool], allowed: str,
+           allow_inf: bool = False) -> None:
+    # bool is an int subclass (True would mean 1) and NaN fails every range
+    # test silently, so both are rejected before the range is checked.
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value)
+            or (math.isinf(value) and not allow_inf) or not ok(float(value))):
+        raise ValueError(f"{key} must be {allowed}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -76,36 +75,24 @@ class VadParams:
     max_speech_duration_s: float = math.inf
 
     def __post_init__(self) -> None:
-        if not 0 < _real("threshold", self.threshold) < 1:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold!r}")
-        if self.neg_threshold is not None and not (
-            0 < _real("neg_threshold", self.neg_threshold) <= self.threshold
-        ):
-            raise ValueError(
-                f"neg_threshold must be None or in (0, threshold={self.threshold}], "
-                f"got {self.neg_threshold!r}"
-            )
+        _check("threshold", self.threshold, lambda v: 0 < v < 1, "in (0, 1)")
+        if self.neg_threshold is not None:
+            _check("neg_threshold", self.neg_threshold, lambda v: 0 < v <= self.threshold,
+                   f"None or in (0, threshold={self.threshold}]")
         for key in ("min_silence_duration_ms", "speech_pad_ms", "min_speech_duration_ms"):
-            if _real(key, getattr(self, key)) < 0:
-                raise ValueError(f"{key} must be a finite number >= 0, got {getattr(self, key)!r}")
-        if not _real("max_speech_duration_s", self.max_speech_duration_s, allow_inf=True) > 0:
-            raise ValueError(
-                f"max_speech_duration_s must be > 0 (inf = no limit), got {self.max_speech_duration_s!r}"
-            )
+            _check(key, getattr(self, key), lambda v: v >= 0, "a finite number >= 0")
+        _check("max_speech_duration_s", self.max_speech_duration_s, lambda v: v > 0,
+               "> 0 (inf = no limit)", allow_inf=True)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object]) -> VadParams:
         known = [f.name for f in fields(cls)]
-        changes: dict[str, Any] = {}
-        for key, value in values.items():
+        for key in values:
             if key not in known:
                 raise ValueError(f"unknown VAD parameter {key!r}; known: {', '.join(known)}")
-            if value is None and key == "neg_threshold":
-                changes[key] = None
-            elif value is None and key == "max_speech_duration_s":
-                changes[key] = math.inf  # to_dict() writes inf as None: JSON has no inf
-            else:
-                changes[key] = _real(key, value, allow_inf=key == "max_speech_duration_s")
+        changes: dict[str, Any] = dict(values)  # __post_init__ checks each value
+        if "max_speech_duration_s" in changes and changes["max_speech_duration_s"] is None:
+            changes["max_speech_duration_s"] = math.inf  # to_dict() writes None: JSON has no inf
         return replace(cls(), **changes)
 
     def to_dict(self) -> dict[str, float | None]:
@@ -224,7 +211,7 @@ class SpeechSegmenter:
     def _close(self, i: int, end: int) -> tuple[SpeechEvent, ...]:
         head = _NO_EVENTS if self._started else (self._emit_start(i),)
         self._started = False
-        self._last_end = end
+        self._last_end = max(end, self._last_start)
         return head + (SpeechEvent(EventKind.END, self._last_end, i),)
 
     def _cut(self, i: int, cur: int) -> tuple[SpeechEvent, ...]:

@@ -24,15 +24,17 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
+from engine.logs import setup_logging
 from engine.layout import StateLayout, WorkerLayout
 from engine.models.base import ModelSpec, StreamingModel
 from engine.models.silero import load_model
-from engine.stats import BUSY_NS, REPLAYED, STARTED_NS, WorkerStats
+from engine.stats import BUSY_NS, REPLAYED, SHED, STARTED_NS, WorkerStats
 from transport import records
 from transport.doorbell import Doorbell
 from transport.ring import Ring
 from transport.shm import Segment
 
+_NEVER = 1 << 62  # a due time no frame reaches
 _RECHECK_S = 5.0  # bounds the cost of any lost wake-up; normal wake-ups come from the doorbell
 
 
@@ -47,6 +49,8 @@ class WorkerConfig:
     max_batch: int
     spin_us: int
     batch_delay_us: int
+    log_level: str = "info"
+    log_format: str = "text"
 
 
 class _Record:
@@ -60,7 +64,7 @@ class _Record:
         self.enqueued_ns = enqueued_ns
 
 
-_Pending = tuple[_Record, int, int, int, bool]  # record, row, seq, slot, fresh
+_Pending = tuple[_Record, int, int, int, bool, int]  # record, row, seq, slot, fresh, due_ns
 
 
 class Worker:
@@ -79,11 +83,16 @@ class Worker:
     def drain_input(self) -> None:
         while (item := self.in_ring.next_record()) is not None:
             body, end = item
-            _, count, width, rate, enqueued_ns = records.FRAMES_HEADER.unpack_from(body)
+            _, count, width, rate, enqueued_ns, shed_after_ms = records.FRAMES_HEADER.unpack_from(body)
             meta, audio = records.frames_views(body, count, width)
             rec = _Record(end, audio, rate, enqueued_ns)
             seqs, slots, flags = meta["seq"].tolist(), meta["slot"].tolist(), meta["flags"].tolist()
             done = self.done
+            # A chunk holding n frames is n frame-durations of audio: its i-th frame is late
+            # only once it is shed_after_ms behind the audio's own timeline, so a long chunk
+            # (a file sent at once) is never shed just for queueing behind its own frames.
+            frame_ns = 1_000_000_000 * self.model.frame_samples(rate) // rate
+            due0 = enqueued_ns + shed_after_ms * 1_000_000 if shed_after_ms else _NEVER
             for row in range(count):
                 seq, slot = seqs[row], slots[row]
                 if seq < done[slot]:  # replay after a crash: this frame's state is committed
@@ -93,7 +102,7 @@ class Worker:
                 queue = self.queues.get(slot)
                 if queue is None:
                     queue = self.queues[slot] = collections.deque()
-                queue.append((rec, row, seq, slot, bool(flags[row] & records.FLAG_FRESH)))
+                queue.append((rec, row, seq, slot, bool(flags[row] & records.FLAG_FRESH), due0 + row * frame_ns))
             self.records.append(rec)
 
     def run_batch(self) -> None:
@@ -107,18 +116,43 @@ class Worker:
                 break
         for slot in emptied:
             del self.queues[slot]
+        picked = self._shed_stale(picked)
         rates = {p[0].rate for p in picked}
-        for rate in rates:
+        for rate in rates:  # streams at 8 and 16 kHz need separate batches (input width differs)
             group = picked if len(rates) == 1 else [p for p in picked if p[0].rate == rate]
             self._execute(group, rate)
         while self.records and self.records[0].remaining == 0:
             self.in_ring.release(self.records.popleft().end)
 
+    def _shed_stale(self, picked: list[_Pending]) -> list[_Pending]:
+        """Overload policy: a frame queued longer than shed_after_ms is not run.
+
+        Its stream's state passes through unchanged (as if the frame were silence the model
+        never saw) and its result is NaN, which the front-end reports to the client as shed.
+        Skipping inference is what lets an overloaded worker catch up with the present.
+        """
+        now = time.monotonic_ns()
+        stale = [p for p in picked if p[5] < now]
+        if not stale:
+            return picked
+        seq = np.fromiter((p[2] for p in stale), np.uint64, len(stale))
+        slot = np.fromiter((p[3] for p in stale), np.intp, len(stale))
+        parity = (seq & np.uint64(1)).astype(np.intp)
+        carried = self.states[slot, parity]
+        carried[np.fromiter((p[4] for p in stale), bool, len(stale))] = 0.0
+        self.states[slot, 1 - parity] = carried
+        self._publish(seq, slot, np.full(len(stale), np.nan, np.float32))
+        self.done[slot] = seq + np.uint64(1)
+        for rec, *_ in stale:
+            rec.remaining -= 1
+        self.stats.counters[SHED] += len(stale)
+        return [p for p in picked if p[5] >= now]
+
     def _execute(self, group: list[_Pending], rate: int) -> None:
         started = time.monotonic_ns()
         n = len(group)
         audio = np.empty((n, group[0][0].audio.shape[1]), np.float32)
-        for i, (rec, row, _, _, _) in enumerate(group):
+        for i, (rec, row, *_) in enumerate(group):
             audio[i] = rec.audio[row]
         seq = np.fromiter((p[2] for p in group), np.uint64, n)
         slot = np.fromiter((p[3] for p in group), np.intp, n)
@@ -130,7 +164,7 @@ class Worker:
         self.states[slot, 1 - parity] = new_state
         self._publish(seq, slot, probs)
         self.done[slot] = seq + np.uint64(1)
-        for rec, _, _, _, _ in group:
+        for rec, *_ in group:
             rec.remaining -= 1
         finished = time.monotonic_ns()
         enqueued = np.fromiter((p[0].enqueued_ns for p in group), np.float64, n)
@@ -176,6 +210,7 @@ def worker_main(cfg: WorkerConfig, in_bell: Doorbell, out_bell: Doorbell,
     """Entry point of a worker process (spawned)."""
     # The daemon decides when to stop; a terminal's Ctrl-C reaches the whole group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    setup_logging(cfg.log_level, cfg.log_format)
     try:
         model = load_model(cfg.model)
         model.warm_up(min(cfg.max_batch, 64))

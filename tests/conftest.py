@@ -73,6 +73,10 @@ def spawn_daemon(*args: str, endpoint: str | None = None, wait_ready: bool = Tru
     cmd = [sys.executable, "-m", "engine.cli", "serve", "--bind", endpoint, *args]
     if "--workers" not in args:
         cmd += ["--workers", "2"]
+    if "--shed-after-ms" not in args:
+        # Tests push audio faster than real time on a shared 2-core box: that is offline
+        # work, which must never be shed. Overload tests turn shedding on explicitly.
+        cmd += ["--shed-after-ms", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             env={**os.environ, **(env or {})})
     daemon = DaemonProcess(proc, endpoint)

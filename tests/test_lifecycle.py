@@ -78,7 +78,7 @@ def test_missing_model_and_bad_flags() -> None:
     assert result.returncode == 1 and "/nonexistent.onnx" in result.stderr and "--model" in result.stderr
     result = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--workers", "0"],
                             capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert result.returncode == 1 and "workers" in result.stderr
+    assert result.returncode == 2 and "workers = 0 is invalid" in result.stderr
 
 
 def test_endpoint_in_use_is_refused() -> None:

@@ -52,7 +52,7 @@ class DType(enum.IntEnum):
 
 
 DTYPE_NAMES = {"int16": DType.INT16, "float32": DType.FLOAT32}
-NUMPY_DTYPES = {DType.INT16: np.dtype("<i2"), DType.FLOAT32: np.dtype("<f4")}
+NUMPY_DTYPES: dict[DType, np.dtype[Any]] = {DType.INT16: np.dtype("<i2"), DType.FLOAT32: np.dtype("<f4")}
 
 
 class ErrorCode(enum.IntEnum):
@@ -72,6 +72,7 @@ class ErrorCode(enum.IntEnum):
 
 class ResultFlag(enum.IntFlag):
     FINAL = 1  # the stream is closed; this is its last result
+    SHED = 2  # some frames were shed under overload: their probability is NaN
 
 
 class EventKind(enum.IntEnum):

@@ -3,6 +3,7 @@
 FRAMES (front-end -> worker): the frames one chunk of one stream completed::
 
     u32 kind=1 | u32 count | u32 samples_per_frame | u32 sample_rate | u64 enqueued_ns
+    | u32 shed_after_ms (0: never shed) | u32 reserved
     count x FRAME_META {u64 seq, u32 slot, u32 flags}
     count x samples_per_frame float32        (model input: context + new samples)
 
@@ -27,7 +28,7 @@ KIND_RESULTS = 2
 
 FLAG_FRESH = 1  # start from zero state: first frame after open or reset
 
-FRAMES_HEADER = struct.Struct("<IIIIQ")  # enqueued_ns: CLOCK_MONOTONIC, comparable across processes
+FRAMES_HEADER = struct.Struct("<IIIIQI4x")  # enqueued_ns: CLOCK_MONOTONIC, comparable across processes
 RESULTS_HEADER = struct.Struct("<IIQ")
 FRAME_META = np.dtype([("seq", "<u8"), ("slot", "<u4"), ("flags", "<u4")])
 RESULT = np.dtype([("seq", "<u8"), ("slot", "<u4"), ("prob", "<f4")])

@@ -102,7 +102,7 @@ class Ring:
         if self._words[_SLEEPING]:
             self.doorbell.ring()
 
-    def write(self, payload: bytes | memoryview) -> bool:
+    def write(self, payload: bytes | bytearray | memoryview) -> bool:
         view = self.reserve(len(payload))
         if view is None:
             return False

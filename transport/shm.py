@@ -41,6 +41,7 @@ class Segment:
     @classmethod
     def create(cls, name: str, size: int) -> Segment:
         shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        assert shm.buf is not None
         return cls(name, size, shm.buf, shm, None)
 
     @classmethod
@@ -81,7 +82,7 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_orphans(shm_dir: str = SHM_DIR) -> list[str]:
     """Unlink segments whose daemon pid no longer exists; returns the names removed."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(shm_dir)
     except FileNotFoundError:

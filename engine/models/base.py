@@ -25,7 +25,7 @@ class ModelSpec:
 class StreamingModel(Protocol):
     name: str
     provider: str  # the onnxruntime execution provider actually in use
-    sample_rates: tuple[int, ...]
+    sample_rates: tuple[int, int] | tuple[int, ...]
     state_floats: int  # per-stream state size, in float32 values
 
     def frame_samples(self, sample_rate: int) -> int:

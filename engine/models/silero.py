@@ -62,7 +62,7 @@ def resolve_providers(provider: str) -> list[str]:
 
 class SileroVad:
     name = "silero_vad"
-    sample_rates = (16000, 8000)
+    sample_rates: tuple[int, ...] = (16000, 8000)
     state_floats = 2 * 128
 
     def __init__(self, spec: ModelSpec) -> None:

@@ -1,0 +1,114 @@
+"""Where serve settings come from: defaults < ringserve.toml < RINGSERVE_* environment < flags.
+
+Every ServeConfig field is settable everywhere under one name: ``max_streams`` in the file,
+``RINGSERVE_MAX_STREAMS`` in the environment, ``--max-streams`` on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+from engine.config import ConfigError, ServeConfig
+
+ENV_PREFIX = "RINGSERVE_"
+_HINTS = typing.get_type_hints(ServeConfig)
+FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
+
+
+def _kind(name: str) -> str:
+    hint = _HINTS[name]
+    if hint in (int, float, str):
+        return hint.__name__
+    if hint == tuple[str, ...]:
+        return "list"
+    return "str"  # str | None (model)
+
+
+def coerce(name: str, value: Any, source: str) -> Any:
+    """Convert a file/env value to the field's type, or raise naming key, source and type."""
+    kind = _kind(name)
+    try:
+        if kind == "list":
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return tuple(value)
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    except (TypeError, ValueError):
+        expected = {"list": "a list of strings", "int": "an integer", "float": "a number", "str": "a string"}[kind]
+        raise ConfigError(f"{source}: key '{name}' must be {expected}, got {value!r}") from None
+
+
+def read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    table = data.get("serve", data)  # `ringserve tune` writes a [serve] table; a flat file works too
+    extra = set(data) - {"serve", "tune"} if "serve" in data else set()
+    unknown = (set(table) - set(FIELDS)) | extra
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known keys: {', '.join(FIELDS)}")
+    return {name: coerce(name, value, path) for name, value in table.items()}
+
+
+def read_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    values = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "AUDIO_DIR":
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in FIELDS:
+            raise ConfigError(f"environment variable {key} is not a setting; known: "
+                              f"{', '.join(ENV_PREFIX + n.upper() for n in FIELDS)}")
+        values[name] = coerce(name, raw, f"environment variable {key}")
+    return values
+
+
+def build_config(flags: Mapping[str, Any], config_path: str | None,
+                 environ: Mapping[str, str] | None = None) -> tuple[ServeConfig, dict[str, str]]:
+    """The effective config and, per key, where its value came from."""
+    merged: dict[str, Any] = {}
+    origin = {name: "default" for name in FIELDS}
+    layers = [(read_file(config_path), config_path)] if config_path else []
+    layers += [(read_env(os.environ if environ is None else environ), "environment"), (dict(flags), "flag")]
+    for values, source in layers:
+        for name, value in values.items():
+            merged[name] = value
+            origin[name] = str(source)
+    try:
+        return ServeConfig(**merged), origin
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (set by {', '.join(sorted({origin[k] for k in merged}))})") from None
+
+
+def to_toml(cfg: ServeConfig, origin: Mapping[str, str] | None = None) -> str:
+    lines = ["[serve]"]
+    for name, value in cfg.to_dict().items():
+        if value is None:
+            lines.append(f"# {name} = (default)")
+            continue
+        text = ("[" + ", ".join(f'"{v}"' for v in value) + "]" if isinstance(value, list)
+                else f'"{value}"' if isinstance(value, str) else repr(value))
+        note = f"  # from {origin[name]}" if origin and origin.get(name, "default") != "default" else ""
+        lines.append(f"{name} = {text}{note}")
+    return "\n".join(lines) + "\n"
