@@ -37,6 +37,9 @@ SETTING_HELP = {
     "idle_timeout_s": "close a stream that sent nothing for this long",
     "shed_after_ms": "overload policy: frames queued longer than this are shed (NaN result); 0 never sheds",
     "http": "also serve /live, /ready, /stats and /metrics over HTTP on HOST:PORT",
+    "curve_secret_key": "server secret key file (*.key_secret): require ZeroMQ CURVE encryption + authentication",
+    "curve_allow": "directory of client public keys (*.key) allowed to connect when CURVE is on",
+    "insecure": "allow a non-loopback TCP bind without CURVE (logs a warning)",
     "log_level": "debug, info, warning or error",
     "log_format": "text or json",
 }
@@ -57,7 +60,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         default = defaults[name]
         shown = ", ".join(default) if isinstance(default, list) else default
         help_text = f"{SETTING_HELP[name]} (default: {shown}; env RINGSERVE_{name.upper()})"
-        if kind == "list":
+        if kind == "bool":
+            p.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        elif kind == "list":
             p.add_argument(flag, dest=name, action="append", metavar="ENDPOINT", default=argparse.SUPPRESS,
                            help=help_text)
         else:
@@ -87,9 +92,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         Daemon(cfg).run()
-    except (ConfigError, RuntimeError, FileNotFoundError) as exc:
+    except (ConfigError, RuntimeError, FileNotFoundError, OSError) as exc:
         log.error("%s", exc)
         return 1
+    return 0
+
+
+def add_keys_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keys", help="generate ZeroMQ CURVE key pairs",
+                       description="Generate CURVE key pairs: NAME.key (public, share it) and NAME.key_secret "
+                       "(private). The server needs its .key_secret (--curve-secret-key) and a directory holding "
+                       "every allowed client's .key (--curve-allow); a client needs the server's .key and its own "
+                       ".key_secret.")
+    keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    gen = keys.add_parser("generate", help="write a key pair")
+    gen.add_argument("--dir", default=".", help="directory to write into (default: current)")
+    gen.add_argument("--name", default="server", help="file name stem (default %(default)s)")
+    gen.set_defaults(func=cmd_keys_generate)
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from transport.security import generate_keys
+
+    public, secret = generate_keys(args.dir, args.name)
+    print(f"public key: {public}\nsecret key: {secret} (keep it private)")
     return 0
 
 
@@ -102,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(sub)
     add_stream_parser(sub)
+    add_keys_parser(sub)
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)

@@ -32,6 +32,9 @@ class ServeConfig:
     idle_timeout_s: float = 300.0
     shed_after_ms: int = 1000
     http: str | None = None  # HOST:PORT of the optional HTTP health/metrics listener
+    curve_secret_key: str | None = None  # server's *.key_secret file: turns CURVE on
+    curve_allow: str | None = None  # directory of allowed clients' public *.key files
+    insecure: bool = False  # allow a non-loopback TCP bind without CURVE
     log_level: str = "info"
     log_format: str = "text"
 
@@ -58,6 +61,8 @@ class ServeConfig:
         need(self.idle_timeout_s > 0, "idle_timeout_s", "a positive number of seconds")
         need(0 <= self.shed_after_ms <= 3_600_000, "shed_after_ms", "0 (never shed) to 3600000 ms")
         need(self.http is None or _host_port(self.http), "http", "HOST:PORT, e.g. 127.0.0.1:8080")
+        need((self.curve_secret_key is None) == (self.curve_allow is None), "curve_allow",
+             "set together with curve_secret_key (both or neither)")
         need(self.log_format in ("text", "json"), "log_format", "text or json")
         need(self.log_level in ("debug", "info", "warning", "error"), "log_level", "debug, info, warning or error")
 

@@ -37,6 +37,7 @@ from engine.worker import WorkerConfig
 from transport.doorbell import Doorbell
 from transport.endpoints import bind_all, remove_ipc_files
 from transport.ring import Ring
+from transport.security import check_binds, enable_server_curve
 from transport.shm import Segment, check_free_space, remove_orphans, segment_name
 
 log = logging.getLogger("ringserve.daemon")
@@ -81,6 +82,7 @@ class Daemon:
         layout = WorkerLayout(ring_capacity, ring_capacity // 2)
         state_layout = StateLayout(cfg.max_streams, SileroVad.state_floats)
         check_free_space(cfg.workers * layout.total + state_layout.total)
+        check_binds(cfg.bind, cfg.curve_secret_key is not None, cfg.insecure)
         spec = ModelSpec(self.model_path, cfg.provider, cfg.intra_op_threads)
         with ExitStack() as cleanup:
             context = zmq.Context()
@@ -126,6 +128,9 @@ class Daemon:
 
             router = context.socket(zmq.ROUTER)
             cleanup.callback(router.close, 0)
+            if cfg.curve_secret_key is not None and cfg.curve_allow is not None:
+                auth = enable_server_curve(context, router, cfg.curve_secret_key, cfg.curve_allow)
+                cleanup.callback(auth.stop)
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             router.setsockopt(zmq.LINGER, 0)
             router.setsockopt(zmq.SNDHWM, 100_000)

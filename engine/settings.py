@@ -22,7 +22,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
 
 def _kind(name: str) -> str:
     hint = _HINTS[name]
-    if hint in (int, float, str):
+    if hint in (int, float, str, bool):
         return hint.__name__
     if hint == tuple[str, ...]:
         return "list"
@@ -43,6 +43,12 @@ def coerce(name: str, value: Any, source: str) -> Any:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError
             return int(value)
+        if kind == "bool":
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
         if kind == "float":
             if isinstance(value, bool):
                 raise TypeError
@@ -51,7 +57,8 @@ def coerce(name: str, value: Any, source: str) -> Any:
             raise TypeError
         return value
     except (TypeError, ValueError):
-        expected = {"list": "a list of strings", "int": "an integer", "float": "a number", "str": "a string"}[kind]
+        expected = {"list": "a list of strings", "int": "an integer", "float": "a number", "str": "a string",
+                    "bool": "true or false"}[kind]
         raise ConfigError(f"{source}: key '{name}' must be {expected}, got {value!r}") from None
 
 
@@ -108,7 +115,8 @@ def to_toml(cfg: ServeConfig, origin: Mapping[str, str] | None = None) -> str:
             lines.append(f"# {name} = (default)")
             continue
         text = ("[" + ", ".join(f'"{v}"' for v in value) + "]" if isinstance(value, list)
-                else f'"{value}"' if isinstance(value, str) else repr(value))
+                else f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool)
+                else repr(value))
         note = f"  # from {origin[name]}" if origin and origin.get(name, "default") != "default" else ""
         lines.append(f"{name} = {text}{note}")
     return "\n".join(lines) + "\n"
