@@ -32,8 +32,8 @@ Differences from offline get_speech_timestamps (same probabilities and params):
   3. A max_speech cut with no pause >= 98 ms, at frame sample c, sends its END
      one frame later, once it is known whether speech restarts at once:
      c + min(speech_pad, W/2) if it does, else c + min(speech_pad, W).
-     Offline agrees whenever speech_pad <= W (32 ms; the default is 30)
-     unless the restarted segment is later dropped by min_speech.
+     Offline agrees whenever speech_pad <= W (32 ms; the default is 30),
+     except, for speech_pad > W/2, if min_speech drops the restarted segment.
   4. Offline clamps the last END to the audio length. An END sent at the end
      of a pause cannot be, so it lies past the final sample if the stream
      stops less than speech_pad after the speech did (this needs
@@ -57,12 +57,13 @@ _NO_EVENTS: tuple[SpeechEvent, ...] = ()  # shared: the hot path allocates nothi
 
 
 def _check(key: str, value: object, ok: Callable[[float], bool], allowed: str,
-           allow_inf: bool = False) -> None:
+           allow_inf: bool = False) -> float:
     # bool is an int subclass (True would mean 1) and NaN fails every range
     # test silently, so both are rejected before the range is checked.
     if (isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value)
             or (math.isinf(value) and not allow_inf) or not ok(float(value))):
         raise ValueError(f"{key} must be {allowed}, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -75,14 +76,17 @@ class VadParams:
     max_speech_duration_s: float = math.inf
 
     def __post_init__(self) -> None:
-        _check("threshold", self.threshold, lambda v: 0 < v < 1, "in (0, 1)")
+        thr = _check("threshold", self.threshold, lambda v: 0 < v < 1, "in (0, 1)")
+        clean = {"threshold": thr}
         if self.neg_threshold is not None:
-            _check("neg_threshold", self.neg_threshold, lambda v: 0 < v <= self.threshold,
-                   f"None or in (0, threshold={self.threshold}]")
+            clean["neg_threshold"] = _check("neg_threshold", self.neg_threshold,
+                                            lambda v: 0 < v <= thr, f"None or in (0, threshold={thr}]")
         for key in ("min_silence_duration_ms", "speech_pad_ms", "min_speech_duration_ms"):
-            _check(key, getattr(self, key), lambda v: v >= 0, "a finite number >= 0")
-        _check("max_speech_duration_s", self.max_speech_duration_s, lambda v: v > 0,
-               "> 0 (inf = no limit)", allow_inf=True)
+            clean[key] = _check(key, getattr(self, key), lambda v: v >= 0, "a finite number >= 0")
+        clean["max_speech_duration_s"] = _check("max_speech_duration_s", self.max_speech_duration_s,
+                                                lambda v: v > 0, "> 0 (inf = no limit)", allow_inf=True)
+        for key, value in clean.items():  # plain floats, not numpy scalars: to_dict() stays JSON-safe
+            object.__setattr__(self, key, value)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object]) -> VadParams:
