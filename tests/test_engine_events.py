@@ -1,0 +1,87 @@
+"""Speech events through the real engine: against labels, against upstream, and per parameter."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from clients.client import Client
+from tests.conftest import Clip, DaemonProcess, corpus_dir, reference, speech_clips
+from tests.silero_reference import load_upstream_timestamps
+
+
+def engine_segments(endpoint: str, clip: Clip, chunk: int = 4096, **vad: Any) -> list[tuple[int, int]]:
+    with Client(endpoint, timeout=60) as client:
+        stream = client.open_stream(clip.rate, **vad)
+        pending = [stream.submit(clip.pcm[start:start + chunk]) for start in range(0, len(clip.pcm), chunk)]
+        for request in pending:
+            request.result()
+        stream.close()
+        events = stream.events
+    starts = [e.sample for e in events if e.kind == "start"]
+    ends = [e.sample for e in events if e.kind == "end"]
+    assert len(starts) == len(ends), events
+    return list(zip(starts, ends))
+
+
+def upstream_segments(clip: Clip, **vad: Any) -> list[tuple[int, int]]:
+    stamps = load_upstream_timestamps()(reference(clip).tolist(), sampling_rate=clip.rate,
+                                        audio_length_samples=len(clip.pcm), **vad)
+    return [(s["start"], s["end"]) for s in stamps]
+
+
+def total(segments: list[tuple[int, int]]) -> int:
+    return sum(end - start for start, end in segments)
+
+
+def test_corpus_precision_recall_against_labels(engine: DaemonProcess) -> None:
+    labels = json.loads((corpus_dir() / "labels.json").read_text())
+    tp = fp = fn = 0
+    for entry in labels["files"]:
+        clip = next(c for c in speech_clips(max_seconds=1e9) if c.name == entry["file"][:-4])
+        truth = np.zeros(len(clip.pcm), bool)
+        for start, end in entry["speech_samples"]:
+            truth[start:end] = True
+        found = np.zeros(len(clip.pcm), bool)
+        for start, end in engine_segments(engine.endpoint, clip):
+            found[start:end] = True
+        tp += int(np.sum(found & truth))
+        fp += int(np.sum(found & ~truth))
+        fn += int(np.sum(~found & truth))
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    print(f"corpus ({len(labels['files'])} files): sample-level precision {precision:.3f}, recall {recall:.3f}")
+    assert recall >= 0.85 and precision >= 0.75
+
+
+def test_events_match_upstream_get_speech_timestamps(engine: DaemonProcess) -> None:
+    for clip in [c for c in speech_clips() if c.rate == 16000][:6]:
+        assert engine_segments(engine.endpoint, clip) == upstream_segments(clip), clip.name
+
+
+PARAMETER_EFFECTS = [
+    # (parameter, value, how the speech total compares with the defaults' total)
+    ("threshold", 0.85, "less"),
+    ("neg_threshold", 0.05, "more"),
+    ("min_silence_duration_ms", 600, "more"),
+    ("speech_pad_ms", 45, "more"),  # 2*pad < min_silence: the regime where offline and streaming agree exactly
+    ("min_speech_duration_ms", 1200, "less"),
+    ("max_speech_duration_s", 1.5, "count"),
+]
+
+
+@pytest.mark.parametrize("name,value,effect", PARAMETER_EFFECTS)
+def test_each_vad_parameter_has_its_effect(engine: DaemonProcess, name: str, value: float, effect: str) -> None:
+    clip = [c for c in speech_clips() if c.rate == 16000][0]
+    baseline = engine_segments(engine.endpoint, clip)
+    changed = engine_segments(engine.endpoint, clip, **{name: value})
+    assert changed == upstream_segments(clip, **{name: value}), "engine differs from upstream"
+    if effect == "less":
+        assert total(changed) < total(baseline)
+    elif effect == "more":
+        assert total(changed) > total(baseline)
+    else:
+        assert len(changed) > len(baseline)
+        assert max(end - start for start, end in changed) <= value * clip.rate
