@@ -68,7 +68,7 @@ PARAMETER_EFFECTS = [
     ("min_silence_duration_ms", 600, "more"),
     ("speech_pad_ms", 45, "more"),  # 2*pad < min_silence: the regime where offline and streaming agree exactly
     ("min_speech_duration_ms", 3000, "less"),
-    ("max_speech_duration_s", 1.5, "count"),
+    ("max_speech_duration_s", 3.0, "count"),
 ]
 
 
