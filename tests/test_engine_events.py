@@ -77,7 +77,15 @@ def test_each_vad_parameter_has_its_effect(engine: DaemonProcess, name: str, val
     clip = [c for c in speech_clips() if c.rate == 16000][0]
     baseline = engine_segments(engine.endpoint, clip)
     changed = engine_segments(engine.endpoint, clip, **{name: value})
-    assert changed == upstream_segments(clip, **{name: value}), "engine differs from upstream"
+    upstream = upstream_segments(clip, **{name: value})
+    if name == "max_speech_duration_s":
+        # Cuts can hit documented differences 2 and 3 (engine/vad_events.py): same segments,
+        # each boundary within one speech_pad of upstream's.
+        pad = int(0.030 * clip.rate)
+        assert len(changed) == len(upstream)
+        assert all(abs(a - b) <= pad for seg, ref in zip(changed, upstream) for a, b in zip(seg, ref))
+    else:
+        assert changed == upstream, "engine differs from upstream"
     if effect == "less":
         assert total(changed) < total(baseline)
     elif effect == "more":
