@@ -9,6 +9,7 @@ ROUTER, every output ring's doorbell, worker sentinels and the signal wake-up pi
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import time
@@ -41,7 +42,7 @@ class WorkerLink:
         self.stats = stats
         self.in_ring = in_ring
         self.out_ring = out_ring
-        self.backlog: list[bytearray] = []  # records waiting for ring space, in order
+        self.backlog: collections.deque[bytearray] = collections.deque()  # records waiting for ring space
         self.backlog_bytes = 0
         self.backlog_limit = backlog_limit
         self.streams = 0
@@ -55,7 +56,7 @@ class WorkerLink:
             record = self.backlog[0]
             if not self.in_ring.write(record):
                 return
-            self.backlog.pop(0)
+            self.backlog.popleft()
             self.backlog_bytes -= len(record)
 
 
@@ -120,15 +121,20 @@ class FrontEnd:
             target = view
         records.FRAMES_HEADER.pack_into(target, 0, records.KIND_FRAMES, count, width, stream.rate,
                                         time.monotonic_ns(), stream.shed_after_ms)
-        meta, audio = records.frames_views(target, count, width)
-        meta["seq"] = np.arange(stream.next_seq, stream.next_seq + count, dtype=np.uint64)
-        meta["slot"] = stream.slot
-        meta["flags"] = 0
-        if stream.fresh:
-            meta["flags"][0] = records.FLAG_FRESH
-            stream.fresh = False
+        flags = records.FLAG_FRESH if stream.fresh else 0
+        stream.fresh = False
+        if count == 1:  # a device's one-frame message: the common case, kept free of numpy setup
+            records.FRAME_META_STRUCT.pack_into(target, records.FRAMES_HEADER.size, stream.next_seq, stream.slot, flags)
+            audio = np.frombuffer(target, np.float32, width, records.FRAMES_HEADER.size + records.FRAME_META.itemsize)
+        else:
+            meta, audio = records.frames_views(target, count, width)
+            meta["seq"] = np.arange(stream.next_seq, stream.next_seq + count, dtype=np.uint64)
+            meta["slot"] = stream.slot
+            meta["flags"] = 0
+            meta["flags"][0] = flags
+            del meta
         stream.take_frames(count, audio)
-        del meta, audio, target
+        del audio, target
         stream.next_seq += count
         if view is not None:
             del view

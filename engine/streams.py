@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import collections
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +26,7 @@ class PendingChunk:
     request_id: int
     end_seq: int
     first_frame: int = -1
-    probs: array.array = field(default_factory=lambda: array.array("f"))
+    probs: array.array = field(default_factory=functools.partial(array.array, "f"))
     events: list[tuple[int, int, int]] = field(default_factory=list)
     kind: str = "audio"  # "audio" | "reset" | "close"
     shed: int = 0  # frames of this chunk shed under overload (NaN probability)
@@ -96,9 +97,10 @@ class Stream:
         """Copy ``count`` model inputs (context + frame each) into ``out`` and keep the rest."""
         width = self.context + self.frame
         used = count * self.frame
-        windows = np.lib.stride_tricks.as_strided(
-            self.buf, shape=(count, width), strides=(self.frame * 4, 4), writeable=False)
-        out[:] = windows
+        if count == 1:
+            out[:] = self.buf[:width]
+        else:  # overlapping windows: frame i starts `frame` samples after frame i-1
+            out[:] = np.ndarray((count, width), np.float32, self.buf, 0, (self.frame * 4, 4))
         keep = self.buf_len - used
         self.buf[:keep] = self.buf[used:self.buf_len]
         self.buf_len = keep

@@ -97,7 +97,7 @@ def spawn_daemon(*args: str, endpoint: str | None = None, wait_ready: bool = Tru
     return daemon
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def engine() -> Iterator[DaemonProcess]:
     daemon = spawn_daemon()
     yield daemon

@@ -31,6 +31,7 @@ FLAG_FRESH = 1  # start from zero state: first frame after open or reset
 FRAMES_HEADER = struct.Struct("<IIIIQI4x")  # enqueued_ns: CLOCK_MONOTONIC, comparable across processes
 RESULTS_HEADER = struct.Struct("<IIQ")
 FRAME_META = np.dtype([("seq", "<u8"), ("slot", "<u4"), ("flags", "<u4")])
+FRAME_META_STRUCT = struct.Struct("<QII")  # the same layout, for writing one frame without numpy
 RESULT = np.dtype([("seq", "<u8"), ("slot", "<u4"), ("prob", "<f4")])
 
 
