@@ -68,7 +68,7 @@ class Daemon:
         self.frontend: FrontEnd | None = None
 
     def request_stop(self, signum: int, _frame: FrameType | None) -> None:
-        if self.state == State.RUNNING:
+        if self.state in (State.STARTING, State.RUNNING):
             log.info("[shutdown] %s received", signal.Signals(signum).name)
             self.state = State.STOP_REQUESTED
 
@@ -122,8 +122,10 @@ class Daemon:
                 links.append(link)
             for link in links:
                 link.proc.start()
-            wait_all_ready(self.workers_of(links), cfg.ready_timeout_s)
+            wait_all_ready(self.workers_of(links), cfg.ready_timeout_s, interrupt_fd=wake_r,
+                           stop_requested=lambda: self.state != State.STARTING)
             if self.state != State.STARTING:
+                log.info("[shutdown] stopped before workers were ready")
                 return
 
             router = context.socket(zmq.ROUTER)

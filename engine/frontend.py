@@ -157,7 +157,8 @@ class FrontEnd:
         return handled
 
     # ---- the loop --------------------------------------------------------------------
-    def pump_router(self, budget: int = 512) -> int:
+    def pump_router(self, budget: int = 64) -> int:
+        """Take up to ``budget`` client messages; small, so results flow back between bursts."""
         router, handle = self.router, self.table.on_message
         for n in range(budget):
             try:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, Callable
 
 from engine.worker import WorkerConfig, worker_main
 from transport.doorbell import Doorbell
@@ -105,10 +106,15 @@ class WorkerProcess:
         self.process = None
 
 
-def wait_all_ready(workers: list[WorkerProcess], timeout: float) -> None:
-    """Block until every worker is ready; raise with the cause and the setting to change."""
+def wait_all_ready(workers: list[WorkerProcess], timeout: float, interrupt_fd: int | None = None,
+                   stop_requested: Callable[[], bool] = lambda: False) -> None:
+    """Block until every worker is ready; raise with the cause and the setting to change.
+
+    ``interrupt_fd`` (the signal wake-up pipe) ends the wait early once ``stop_requested()``:
+    a SIGTERM during a slow model load stops the daemon instead of being ignored.
+    """
     deadline = time.monotonic() + timeout
-    while not all(w.ready for w in workers):
+    while not all(w.ready for w in workers) and not stop_requested():
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             slow = [f"worker-{w.cfg.index}" for w in workers if not w.ready]
@@ -117,10 +123,21 @@ def wait_all_ready(workers: list[WorkerProcess], timeout: float) -> None:
                 "or lower --workers / --intra-op-threads on a busy machine")
         waiting = [w for w in workers if not w.ready]
         handles: list[Any] = [w.ready_conn for w in waiting] + [w.sentinel for w in waiting]
-        wait(handles, remaining)
+        if interrupt_fd is not None:
+            handles.append(interrupt_fd)
+        if interrupt_fd in wait(handles, remaining):
+            _drain(interrupt_fd)
         for w in waiting:
             w.check_ready()
             if not w.ready and w.is_dead():
                 raise WorkerStartError(
                     f"worker-{w.cfg.index} exited ({w.exit_description()}) before it was ready: "
                     "check --model and --provider, and the log lines above")
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass

@@ -113,3 +113,13 @@ def test_kill_9_cycles_leave_nothing_behind() -> None:
     leftovers = [name for pid in killed for name in shm_names(pid)]
     assert leftovers == []
     assert not os.path.exists(endpoint[len("ipc://"):])
+
+
+def test_sigterm_during_start_up_stops_the_daemon() -> None:
+    from tests.test_security import free_port
+
+    daemon = spawn_daemon("--workers", "2", "--http", f"127.0.0.1:{free_port()}", wait_ready=False)
+    daemon.wait_for_line("HTTP listener", 60)  # logged before the workers are started
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert "stopped before workers were ready" in daemon.log() or "ready:" in daemon.log()
+    assert shm_names(daemon.pid) == []
