@@ -121,6 +121,7 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from clients.file_client import add_stream_parser
+    from clients.status import add_status_parser
 
     parser = argparse.ArgumentParser(
         prog="ringserve",
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(sub)
     add_stream_parser(sub)
+    add_status_parser(sub)
     add_keys_parser(sub)
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

@@ -76,6 +76,16 @@ class EngineCollector(Collector):
         yield CounterMetricFamily("ringserve_worker_restarts", "Workers replaced after dying",
                                   value=counters.get("worker_restarts", 0))
         yield CounterMetricFamily("ringserve_streams_opened", "Streams opened", value=counters.get("streams_opened", 0))
+        yield CounterMetricFamily("ringserve_streams_expired", "Streams closed by the engine after idle_timeout_s",
+                                  value=counters.get("streams_expired", 0))
+        yield CounterMetricFamily("ringserve_frames_refused", "Frames refused with OVERLOADED (worker backlog full)",
+                                  value=counters.get("frames_refused_overloaded", 0))
+        dropped = CounterMetricFamily("ringserve_replies_dropped", "Replies not delivered, by reason "
+                                      "(slow_client: its queue was full; client_gone: it disconnected)",
+                                      labels=["reason"])
+        for reason in ("slow_client", "client_gone"):
+            dropped.add_metric([reason], counters.get(f"replies_dropped_{reason}", 0))
+        yield dropped
         errors = CounterMetricFamily("ringserve_errors", "Errors sent to clients, by kind", labels=["kind"])
         for key, value in sorted(counters.items()):
             if key.startswith("errors_"):
@@ -87,9 +97,14 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("ringserve_uptime_seconds", "Seconds since the daemon started", value=stats["uptime_s"])
         busy = GaugeMetricFamily("ringserve_worker_busy_ratio", "Share of time each worker spent running batches",
                                  labels=["worker"])
+        busy_seconds = CounterMetricFamily("ringserve_worker_busy_seconds",
+                                           "Seconds each worker spent running batches (rate() = busy ratio now)",
+                                           labels=["worker"])
         for worker in stats["workers"]:
             busy.add_metric([str(worker["index"])], worker["busy_share"])
+            busy_seconds.add_metric([str(worker["index"])], worker.get("busy_s", 0.0))
         yield busy
+        yield busy_seconds
         bounds = stats["histogram_bounds_us"]
         yield _histogram("ringserve_queue_seconds", "Time a frame waited in its worker's ring before its batch ran",
                          bounds, stats["queue_hist"], stats["queue_s_total"])

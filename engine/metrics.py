@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,11 @@ from engine.stats import BUCKETS_US, STARTED_NS
 
 if TYPE_CHECKING:
     from engine.daemon import Daemon
+
+try:
+    _VERSION = importlib.metadata.version("ringserve")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+    _VERSION = "unknown"
 
 
 def collect_stats(daemon: Daemon) -> dict[str, Any]:
@@ -31,10 +37,12 @@ def collect_stats(daemon: Daemon) -> dict[str, Any]:
         compute_hist = [a + b for a, b in zip(compute_hist, snap["compute_hist"])]
         started_ns = int(link.stats.counters[STARTED_NS])
         alive_s = max((now_ns - started_ns) / 1e9, 1e-9) if started_ns else 0.0
-        workers.append({"index": index, "pid": link.proc.info.get("pid"), "ready": link.proc.ready,
+        workers.append({"index": index, "pid": link.proc.info.get("pid"), "provider": link.proc.info.get("provider"),
+                        "ready": link.proc.ready,
                         "restarts": link.proc.restarts, "streams": table.worker_load[index],
                         "backlog_bytes": link.backlog_bytes, "frames": snap["frames"],
                         "executions": snap["executions"], "replayed_frames": snap["replayed_frames"],
+                        "busy_s": snap["busy_s"],
                         "busy_share": round(snap["busy_s"] / alive_s, 4) if alive_s else 0.0})
     frames, executions = totals["frames"], totals["executions"]
     counters = dict(table.counters)
@@ -44,7 +52,7 @@ def collect_stats(daemon: Daemon) -> dict[str, Any]:
         "uptime_s": round(time.time() - daemon.started, 3),
         "pid": os.getpid(),
         "model": {"path": daemon.model_path, "sha256": daemon.model_sha256},
-        "versions": {"onnxruntime": onnxruntime.__version__, "protocol": 1},
+        "versions": {"ringserve": _VERSION, "onnxruntime": onnxruntime.__version__, "protocol": 1},
         "endpoints": daemon.endpoints,
         "open_streams": len(table.streams),
         "connections": len(table.per_connection),

@@ -16,6 +16,8 @@ from typing import Any
 from engine.config import ConfigError, ServeConfig
 
 ENV_PREFIX = "RINGSERVE_"
+# RINGSERVE_* variables that are not serve settings: the corpus/test audio locations.
+NOT_SETTINGS = frozenset({"RINGSERVE_AUDIO_DIR", "RINGSERVE_SHARED_AUDIO"})
 _HINTS = typing.get_type_hints(ServeConfig)
 FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
 
@@ -81,7 +83,7 @@ def read_file(path: str) -> dict[str, Any]:
 def read_env(environ: Mapping[str, str]) -> dict[str, Any]:
     values = {}
     for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "AUDIO_DIR":
+        if not key.startswith(ENV_PREFIX) or key in NOT_SETTINGS:
             continue
         name = key[len(ENV_PREFIX):].lower()
         if name not in FIELDS:
