@@ -25,22 +25,22 @@ import multiprocessing
 import os
 import platform
 import signal
-import socket
 import struct
-import subprocess
 import sys
-import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing.connection import Connection
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any
 
 import numpy as np
 import onnxruntime
 import zmq
 
+from bench.daemon import BenchError, EngineDaemon, free_tcp_port, no_shedding_args
+from bench.procinfo import cpu_seconds, runq_wait_seconds, source_version
+from bench.raw import RawResult, measure_raw
 from clients.client import Client
 from engine.models.silero import CONTEXT_SAMPLES, FRAME_SAMPLES, default_model_path
 from transport import protocol as P
@@ -49,14 +49,11 @@ RATE = 16000
 FRAME = FRAME_SAMPLES[RATE]
 WIDTH = FRAME + CONTEXT_SAMPLES[RATE]
 _CTX = multiprocessing.get_context("spawn")
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 _ANSWERED, _SENT, _STOP = range(3)  # words of the load generator's shared counters
 _PROB = struct.Struct("<f")
 Counters = Any  # a lock-free shared int64 array (multiprocessing RawArray "q")
-
-
-class BenchError(RuntimeError):
-    """The engine or a helper process misbehaved (died, hung, lost frames)."""
+__all__ = ["BenchError", "EngineDaemon", "RawResult", "cpu_seconds", "default_model_path", "free_tcp_port",
+           "measure_raw", "no_shedding_args", "runq_wait_seconds", "source_version"]
 
 
 @dataclass(frozen=True)
@@ -74,186 +71,6 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(raw_s=2.0, warmup_s=1.0, load_s=3.0, round_trips=300, rounds=1)
-
-
-def cpu_seconds(pid: int, tid: int | None = None) -> float:
-    """utime + stime of a whole process (all its threads), or of one thread, from /proc."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    with open(path) as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # fields 14 and 15 of proc(5)
-
-
-def runq_wait_seconds(pid: int) -> float:
-    """Time the process's main thread was runnable but waiting for a CPU (/proc/PID/schedstat)."""
-    try:
-        with open(f"/proc/{pid}/schedstat") as fh:
-            return int(fh.read().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
-        return 0.0  # kernel without schedstats: reported as no wait
-
-
-# ---- (a) raw onnxruntime baseline --------------------------------------------------------
-
-@dataclass
-class RawResult:
-    workers: int
-    batch: int
-    frames_per_s: float  # all processes together
-    wall_us_per_frame: float  # per process: one batched session.run / batch
-    cpu_us_per_frame: float
-    runq_wait_share: float  # per process: share of the wall time spent waiting for a CPU
-
-
-def _raw_main(model_path: str, batch: int, warm_s: float, seconds: float, start: Any, conn: Connection) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(os.getpid())
-    feed = {"input": (0.05 * rng.standard_normal((batch, WIDTH))).astype(np.float32),
-            "state": np.zeros((2, batch, 128), np.float32), "sr": np.array(RATE, np.int64)}
-    feed["state"] = session.run(None, feed)[1]
-    conn.send("ready")
-    if not start.wait(120):
-        return
-    frames, until = 0, time.perf_counter() + warm_s
-    while time.perf_counter() < until:
-        feed["state"] = session.run(None, feed)[1]
-    wall0, cpu0, wait0 = time.perf_counter(), time.process_time(), runq_wait_seconds(os.getpid())
-    until = wall0 + seconds
-    while time.perf_counter() < until:
-        feed["state"] = session.run(None, feed)[1]
-        frames += batch
-    conn.send({"frames": frames, "wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0,
-               "wait_s": runq_wait_seconds(os.getpid()) - wait0})
-
-
-def measure_raw(workers: int, batch: int, seconds: float, warm_s: float = 1.0) -> RawResult:
-    model_path = default_model_path()
-    start = _CTX.Event()
-    procs, conns = [], []
-    try:
-        for _ in range(workers):
-            parent, child = _CTX.Pipe(duplex=False)
-            proc = _CTX.Process(target=_raw_main, args=(model_path, batch, warm_s, seconds, start, child), daemon=True)
-            proc.start()
-            child.close()
-            procs.append(proc)
-            conns.append(parent)
-        for conn in conns:
-            if not conn.poll(120) or conn.recv() != "ready":
-                raise BenchError("a raw onnxruntime process did not load the model")
-        start.set()
-        results = []
-        for conn in conns:
-            if not conn.poll(warm_s + seconds + 60):
-                raise BenchError("a raw onnxruntime process did not report")
-            results.append(conn.recv())
-    finally:
-        for proc in procs:
-            proc.join(5)
-            if proc.exitcode is None:
-                proc.kill()
-                proc.join()
-            proc.close()
-        for conn in conns:
-            conn.close()
-    frames, wall = sum(r["frames"] for r in results), sum(r["wall_s"] for r in results)
-    return RawResult(workers, batch, sum(r["frames"] / r["wall_s"] for r in results), 1e6 * wall / frames,
-                     1e6 * sum(r["cpu_s"] for r in results) / frames, sum(r["wait_s"] for r in results) / wall)
-
-
-# ---- the daemon under test ---------------------------------------------------------------
-
-def free_tcp_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def no_shedding_args() -> tuple[str, ...]:
-    """Saturation measures capacity: switch the overload policy (shedding late frames) off
-    where the engine has one; a shed frame would still be counted, apart, if one came back."""
-    from engine.config import ServeConfig
-
-    return ("--shed-after-ms", "0") if "shed_after_ms" in ServeConfig.keys() else ()
-
-
-class EngineDaemon:
-    """`ringserve serve` in a child process; stop() always ends it (SIGTERM, then SIGKILL)."""
-
-    def __init__(self, workers: int, extra_args: tuple[str, ...] | None = None) -> None:
-        self.workers = workers
-        self.ipc = f"ipc:///tmp/ringserve-bench-{os.getpid()}-w{workers}.sock"
-        self.tcp = f"tcp://127.0.0.1:{free_tcp_port()}"
-        self.extra_args = no_shedding_args() if extra_args is None else extra_args
-        self.proc: subprocess.Popen[str] | None = None
-        self.log: deque[str] = deque(maxlen=200)
-        self._ready = threading.Event()
-        self._reader: threading.Thread | None = None
-
-    def __enter__(self) -> EngineDaemon:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout: float = 120.0) -> None:
-        cmd = [sys.executable, "-m", "engine.cli", "serve", "--workers", str(self.workers),
-               "--bind", self.ipc, "--bind", self.tcp, *self.extra_args]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        self._reader = threading.Thread(target=self._read_log, name="daemon-log", daemon=True)
-        self._reader.start()
-        deadline = time.monotonic() + timeout
-        while not self._ready.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"daemon did not become ready (exit code {self.proc.poll()}):\n{self.tail()}")
-
-    def _read_log(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line.rstrip())
-            if "ready:" in line:
-                self._ready.set()
-
-    def tail(self, lines: int = 20) -> str:
-        return "\n".join(list(self.log)[-lines:])
-
-    def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise BenchError(f"daemon exited with code {self.proc.returncode}:\n{self.tail()}")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        deadline = time.monotonic() + timeout
-        try:
-            # A daemon still starting ignores signals until it runs, so repeat SIGTERM.
-            while proc.poll() is None and time.monotonic() < deadline:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(1.0)
-                except subprocess.TimeoutExpired:
-                    pass
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            if self._reader is not None:
-                self._reader.join(5)
-            if proc.stderr is not None:
-                proc.stderr.close()
 
 
 # ---- (a)+(b) engine under saturation -----------------------------------------------------
@@ -522,19 +339,6 @@ def measure_round_trips(endpoint: str, count: int, warm: int = 50) -> LatencyRes
 
 
 # ---- the whole run -----------------------------------------------------------------------
-
-def source_version() -> str:
-    """The commit the engine was measured at, "+dirty" when engine/transport/clients have local edits."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "engine", "transport", "clients"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
 
 def _median(values: list[float]) -> float:
     return float(np.median(values))
