@@ -30,7 +30,8 @@ from engine.frontend import FrontEnd, WorkerLink
 from engine.http import fetch_stats, start_http
 from engine.layout import StateLayout, WorkerLayout
 from engine.models.base import ModelSpec
-from engine.models.silero import CONTEXT_SAMPLES, FRAME_SAMPLES, SILERO_SHA256, SileroVad, default_model_path, file_sha256
+from engine.models.silero import (CONTEXT_SAMPLES, FRAME_SAMPLES, SILERO_SHA256, SileroVad, default_model_path,
+                                  file_sha256, resolve_providers)
 from engine.stats import WorkerStats
 from engine.supervisor import WorkerProcess, wait_all_ready
 from engine.worker import WorkerConfig
@@ -38,7 +39,7 @@ from transport.doorbell import Doorbell
 from transport.endpoints import bind_all, remove_ipc_files
 from transport.ring import Ring
 from transport.security import check_binds, enable_server_curve
-from transport.shm import Segment, check_free_space, remove_orphans, segment_name
+from transport.shm import OwnerLock, Segment, check_free_space, remove_orphans, segment_name
 
 log = logging.getLogger("ringserve.daemon")
 ADMIN_ENDPOINT = "inproc://ringserve-admin"
@@ -64,6 +65,7 @@ class Daemon:
         if cfg.model is None and self.model_sha256 != SILERO_SHA256:
             raise RuntimeError(f"{self.model_path} has sha256 {self.model_sha256}, expected {SILERO_SHA256}: "
                                "reinstall silero-vad (make install) or pass --model")
+        resolve_providers(cfg.provider)  # fail before spawning anything if e.g. CUDA is missing
         self.endpoints: list[str] = []
         self.frontend: FrontEnd | None = None
 
@@ -85,6 +87,8 @@ class Daemon:
         check_binds(cfg.bind, cfg.curve_secret_key is not None, cfg.insecure)
         spec = ModelSpec(self.model_path, cfg.provider, cfg.intra_op_threads)
         with ExitStack() as cleanup:
+            owner = OwnerLock()
+            cleanup.callback(owner.release)  # runs last: segments are unlinked before the lock goes
             context = zmq.Context()
             cleanup.callback(context.term)
             if cfg.http:

@@ -15,6 +15,7 @@ input state and gives the same result; the front-end drops the duplicate by ``se
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import signal
 import time
@@ -28,12 +29,13 @@ from engine.logs import setup_logging
 from engine.layout import StateLayout, WorkerLayout
 from engine.models.base import ModelSpec, StreamingModel
 from engine.models.silero import load_model
-from engine.stats import BUSY_NS, REPLAYED, SHED, STARTED_NS, WorkerStats
+from engine.stats import BUSY_NS, FRAMES, REPLAYED, SHED, STARTED_NS, WorkerStats
 from transport import records
 from transport.doorbell import Doorbell
 from transport.ring import Ring
 from transport.shm import Segment
 
+log = logging.getLogger("ringserve.worker")
 _NEVER = 1 << 62  # a due time no frame reaches
 _RECHECK_S = 5.0  # bounds the cost of any lost wake-up; normal wake-ups come from the doorbell
 
@@ -227,8 +229,13 @@ def worker_main(cfg: WorkerConfig, in_bell: Doorbell, out_bell: Doorbell,
         except OSError:
             pass  # the daemon already gave up (another worker failed first)
         os._exit(1)
-    stats.counters[STARTED_NS] = time.monotonic_ns()
+    if not stats.counters[STARTED_NS]:  # a replacement keeps the first start: busy share stays <= 1
+        stats.counters[STARTED_NS] = time.monotonic_ns()
+    log.info("model loaded and warmed up (pid %d, provider %s, max batch %d)", os.getpid(), model.provider,
+             cfg.max_batch)
     ready_conn.send(("ready", {"pid": os.getpid(), "provider": model.provider}))
     ready_conn.close()
-    Worker(cfg, model, in_ring, out_ring, states, done, stats).serve(death_conn.fileno())
+    worker = Worker(cfg, model, in_ring, out_ring, states, done, stats)
+    worker.serve(death_conn.fileno())
+    log.info("[shutdown] daemon gone; %d frames run in this process", int(stats.counters[FRAMES]))
     os._exit(0)  # skip interpreter teardown: numpy views still point into the mappings

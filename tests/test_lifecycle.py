@@ -49,7 +49,9 @@ def test_stop_by_signal_leaves_nothing_behind(sig: int) -> None:
         stream = client.open_stream()
         stream.send(np.zeros(16000, np.int16))
         workers = [w["pid"] for w in client.stats()["workers"]]
-        assert len(shm_names(daemon.pid)) == 3  # state table + one segment per worker
+        names = shm_names(daemon.pid)
+        assert len([n for n in names if not n.endswith(".lock")]) == 3  # state table + one per worker
+        assert len([n for n in names if n.endswith(".lock")]) == 1  # the owner lock
     assert daemon.stop(sig) == 0, daemon.log()
     assert "[shutdown]" in daemon.log()
     assert shm_names(daemon.pid) == []
@@ -123,3 +125,28 @@ def test_sigterm_during_start_up_stops_the_daemon() -> None:
     assert daemon.stop(signal.SIGTERM) == 0
     assert "stopped before workers were ready" in daemon.log() or "ready:" in daemon.log()
     assert shm_names(daemon.pid) == []
+
+
+def test_leftovers_are_judged_by_their_lock_not_their_pid(tmp_path: Path) -> None:
+    """A pid from another pid namespace can look dead here; its held lock says it is alive."""
+    import fcntl
+
+    prefix = "/dev/shm/ringserve-999999-0badc0de"  # a pid that does not exist in this namespace
+    segment, lock = prefix + "-w0", prefix + ".lock"
+    Path(segment).write_bytes(b"\0" * 64)
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        alive_owner = spawn_daemon("--workers", "1")
+        assert alive_owner.stop() == 0
+        assert os.path.exists(segment) and os.path.exists(lock), "a live owner's segments were removed"
+        fcntl.flock(fd, fcntl.LOCK_UN)  # the owner "dies": the kernel would drop its lock
+        next_daemon = spawn_daemon("--workers", "1")
+        assert next_daemon.stop() == 0
+        assert not os.path.exists(segment) and not os.path.exists(lock)
+        assert "removed 2 shared-memory" in next_daemon.log()
+    finally:
+        os.close(fd)
+        for path in (segment, lock):
+            if os.path.exists(path):
+                os.unlink(path)

@@ -7,25 +7,53 @@ Workers attach by mmapping /dev/shm/<name> directly: on Python 3.11,
 ``SharedMemory(name)`` would register the segment again from the worker, and a worker that
 exits would then have the tracker unlink a segment the daemon still uses (cpython gh-82300).
 
-Every name carries the daemon's pid (``ringserve-<pid>-...``), so a later daemon can tell
-what a dead one left behind and remove exactly that (see ``remove_orphans``).
+Every name carries the owner's pid and a random token (``ringserve-<pid>-<token>-...``), and
+a daemon holds an flock on ``ringserve-<pid>-<token>.lock`` while it lives. A later daemon
+removes exactly what a dead one left: the files of a lock it can take (the kernel drops a
+lock with its holder, so this is right even when /dev/shm is shared across pid namespaces,
+where pids lie). Segments with no lock file (tests, tools) fall back to a pid check.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 SHM_DIR = "/dev/shm"
 NAME_PREFIX = "ringserve-"
-_NAME_RE = re.compile(r"^ringserve-(\d+)-")
+_NAME_RE = re.compile(r"^(ringserve-(\d+)-[0-9a-f]{8})[-.]")
+_TOKEN = secrets.token_hex(4)
 
 
-def segment_name(purpose: str, pid: int | None = None) -> str:
-    return f"{NAME_PREFIX}{os.getpid() if pid is None else pid}-{purpose}"
+def owner_prefix() -> str:
+    return f"{NAME_PREFIX}{os.getpid()}-{_TOKEN}"
+
+
+def segment_name(purpose: str) -> str:
+    return f"{owner_prefix()}-{purpose}"
+
+
+class OwnerLock:
+    """Held for the daemon's lifetime; its absence or availability marks leftovers as dead."""
+
+    def __init__(self, shm_dir: str = SHM_DIR) -> None:
+        self.path = os.path.join(shm_dir, owner_prefix() + ".lock")
+        staging = self.path + ".new"
+        self.fd = os.open(staging, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(staging, self.path)  # appears already locked: never mistaken for a dead owner's
+
+    def release(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
 
 
 @dataclass
@@ -80,22 +108,46 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _lock_is_free(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def remove_orphans(shm_dir: str = SHM_DIR) -> list[str]:
-    """Unlink segments whose daemon pid no longer exists; returns the names removed."""
-    removed: list[str] = []
+    """Unlink what dead owners left in ``shm_dir``; returns the names removed."""
     try:
         names = os.listdir(shm_dir)
     except FileNotFoundError:
-        return removed
+        return []
+    owners: dict[str, list[str]] = {}
     for name in names:
         match = _NAME_RE.match(name)
-        if match is None or _pid_alive(int(match.group(1))):
+        if match is not None:
+            owners.setdefault(match.group(1), []).append(name)
+    removed = []
+    for prefix, files in owners.items():
+        lock = prefix + ".lock"
+        if lock in files:
+            dead = _lock_is_free(os.path.join(shm_dir, lock))
+        else:
+            dead = not _pid_alive(int(prefix.split("-")[1]))
+        if not dead:
             continue
-        try:
-            os.unlink(os.path.join(shm_dir, name))
-            removed.append(name)
-        except FileNotFoundError:
-            pass
+        for name in sorted(files, key=lambda n: n == lock):  # the lock goes last
+            try:
+                os.unlink(os.path.join(shm_dir, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
     return removed
 
 
