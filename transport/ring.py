@@ -141,9 +141,11 @@ class Ring:
 
     def release(self, position: int) -> None:
         """Give back all space before ``position`` (a value returned by next_record)."""
+        _publish_fence()  # the record reads must not pass this store (arm reorders load->store)
         self._words[_TAIL] = position
 
     def release_all_read(self) -> None:
+        _publish_fence()
         self._words[_TAIL] = self.cursor
 
     def has_data(self) -> bool:
