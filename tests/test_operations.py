@@ -315,7 +315,9 @@ def test_json_logs_provider_auto_and_summaries() -> None:
     records = [json.loads(line) for line in daemon.lines]  # every line is one JSON object
     assert records and all({"ts", "level", "process", "logger", "msg"} <= set(r) for r in records)
     # (a warning is possible: segments of a SIGKILLed daemon removed at start-up)
-    assert all(r["process"] == "front-end" and r["level"] in ("info", "warning") for r in records), records
+    assert all(r["process"] in ("front-end", "worker-0") and r["level"] in ("info", "warning")
+               for r in records), records
+    assert any(r["process"] == "worker-0" and "warmed up" in r["msg"] for r in records)
     expected = "CUDAExecutionProvider" if HAVE_CUDA else "CPUExecutionProvider"
     ready = [r["msg"] for r in records if r["msg"].startswith("ready:")]
     assert len(ready) == 1 and f"provider={expected}" in ready[0] and SILERO_SHA256 in ready[0]
