@@ -24,6 +24,9 @@ from transport.ring import Ring
 
 log = logging.getLogger("ringserve.streams")
 _OPEN_KEYS = {"sample_rate", "dtype", "vad", "shed_after_ms"}
+# VAD durations are client-chosen; bounding them keeps every event offset a small integer
+# (speech_pad_ms=1e300 would make int(end + pad) overflow the wire's u64, or int(inf) raise).
+_MAX_VAD_MS = 3_600_000
 BUCKETS_S = [b / 1e6 for b in BUCKETS_US]
 
 
@@ -103,17 +106,25 @@ class StreamTable:
             raise ProtocolError(ErrorCode.BAD_PARAMS, f"unknown open parameter(s) {sorted(unknown)}; "
                                 f"known: {sorted(_OPEN_KEYS)}")
         rate = params.get("sample_rate", 16000)
-        if rate not in self.frame_samples or isinstance(rate, bool):
+        # JSON 16000.0 == 16000 would pass a dict lookup and later break struct packing;
+        # a list or object would raise TypeError (unhashable): only a plain int may pass.
+        if not isinstance(rate, int) or isinstance(rate, bool) or rate not in self.frame_samples:
             raise ProtocolError(ErrorCode.BAD_PARAMS, f"sample_rate {rate!r} is not supported: use "
                                 f"{' or '.join(map(str, self.frame_samples))} (resample on the client)")
         dtype_name = params.get("dtype", "int16")
-        if dtype_name not in P.DTYPE_NAMES:
+        if not isinstance(dtype_name, str) or dtype_name not in P.DTYPE_NAMES:
             raise ProtocolError(ErrorCode.BAD_DTYPE, f"dtype {dtype_name!r} is not supported: use int16 or float32")
         vad = params.get("vad", {})
         try:
             vad_params = VadParams.from_mapping(vad if isinstance(vad, dict) else {"vad": vad})
         except ValueError as exc:
             raise ProtocolError(ErrorCode.BAD_PARAMS, str(exc)) from None
+        except (TypeError, OverflowError) as exc:  # OverflowError: e.g. a 4000-digit integer
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"vad parameters out of range: {exc}") from None
+        for name in ("min_silence_duration_ms", "speech_pad_ms", "min_speech_duration_ms"):
+            if getattr(vad_params, name) > _MAX_VAD_MS:
+                raise ProtocolError(ErrorCode.BAD_PARAMS, f"{name} must be at most {_MAX_VAD_MS} ms "
+                                    f"(one hour), got {getattr(vad_params, name)!r}")
         shed_after_ms = params.get("shed_after_ms", self.shed_after_ms)
         if shed_after_ms is None:
             shed_after_ms = self.shed_after_ms
@@ -286,4 +297,7 @@ class StreamTable:
                 self.error(stream.identity, 0, stream.stream_id, 0, ErrorCode.EXPIRED,
                            f"stream {stream.stream_id} closed after {self.idle_timeout_s:.0f} s without audio "
                            "(idle_timeout_s)")
-                self.on_stream_op(stream.identity, 0, stream.stream_id, MsgType.CLOSE)
+                # The notice may have found the client gone (EHOSTUNREACH): drop_connection() then
+                # already closed this stream, and closing it again would raise UNKNOWN_STREAM here.
+                if not stream.closing:
+                    self.on_stream_op(stream.identity, 0, stream.stream_id, MsgType.CLOSE)

@@ -112,7 +112,9 @@ def decode_json(body: bytes | memoryview) -> dict[str, Any]:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"JSON body of {len(body)} bytes exceeds {MAX_JSON_BYTES}")
     try:
         obj = json.loads(bytes(body).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:  # e.g. "[[[[..." nested deeper than the interpreter's recursion limit
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "JSON body is nested too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError, int digit limit
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"body is not UTF-8 JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "JSON body must be an object")
