@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	@$(MAKE) --no-print-directory system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	# The official wheel carries the model; --no-deps keeps torch out.
 	$(BIN)/python -m pip install -q --no-deps silero-vad==$(SILERO_VERSION)
 	$(BIN)/python -m engine.models.verify

@@ -68,6 +68,12 @@ _GATEWAY_MSG_BYTES = 256 * 1024  # split a gateway tick's message above this (en
 _HOUSEKEEPING_NS = 20_000_000
 _MAX_TIMED_OUT_KEYS = 1_000_000
 _EPOLLIN, _EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+# Plain ints: bit operations on pyzmq's / the protocol's enum members go through enum.__and__
+# and cost more than the rest of a frame's bookkeeping.
+_ZMQ_POLLIN, _NOBLOCK = int(zmq.POLLIN), int(zmq.NOBLOCK)
+_RESULTS, _ERROR_MSG, _OPENED = int(P.MsgType.RESULTS), int(P.MsgType.ERROR), int(P.MsgType.OPENED)
+_AUDIO, _INT16 = int(P.MsgType.AUDIO), int(P.DType.INT16)
+_FINAL, _SHED = int(P.ResultFlag.FINAL), int(P.ResultFlag.SHED)
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,9 @@ class _Run:
         self.next_seq = [1] * self.n
         self.window = _Window()
         self.ep = select.epoll()
-        self.handlers: dict[int, Callable[[int, int], None]] = {}
+        self.handlers: dict[int, Callable[[int, int], None]] = {}  # TCP connections
+        self.zmq_by_fd: dict[int, zmq.Socket] = {}
+        self.sent_socks: list[zmq.Socket] = []  # device sockets sent on since the last check
         self.socks: list[Any] = []
         self.closed_streams = 0
         self.gateway_parts: list[bytes] = []
@@ -219,8 +227,8 @@ class _Run:
             self.socks = [self._zmq_socket()] * self.n
         for s, sock in enumerate(self.socks):
             fd = sock.getsockopt(zmq.FD)
-            if fd not in self.handlers:
-                self.handlers[fd] = self._zmq_handler(sock)
+            if fd not in self.zmq_by_fd:
+                self.zmq_by_fd[fd] = sock
                 self.ep.register(fd, _EPOLLIN)
         failures: Counter[str] = Counter()
         opening = self._opening = {"opened": 0, "failures": failures}
@@ -229,20 +237,28 @@ class _Run:
         deadline = time.monotonic() + 30 + 0.01 * self.n
         while opening["opened"] + sum(failures.values()) < self.n_open and time.monotonic() < deadline:
             self._poll(0.2)
-            for sock in {id(x): x for x in self.socks}.values():
-                self._drain_zmq(sock)
+            self._drain_zmq(list({id(x): x for x in self.socks}.values()))
         self._opening = None
         return {"opened": opening["opened"], "failures": dict(failures), "wanted": self.n_open}
 
-    def _zmq_handler(self, sock: zmq.Socket) -> Callable[[int, int], None]:
-        def handle(_events: int, _fd: int) -> None:
-            self._drain_zmq(sock)
-        return handle
+    def _drain_zmq(self, socks: list[zmq.Socket]) -> None:
+        """Receive everything waiting on ``socks``: one zmq_poll per round for all of them
+        (cheaper than a ZMQ_EVENTS getsockopt per socket, which pyzmq routes through an enum)."""
+        poll, on_zmq, clock = zmq.zmq_poll, self._on_zmq, time.monotonic_ns
+        while socks:
+            ready = poll([(sock, _ZMQ_POLLIN) for sock in socks], 0)
+            socks = []
+            for sock, _ in ready:
+                msg: bytes = sock.recv(_NOBLOCK, copy=True)
+                on_zmq(msg, clock())
+                socks.append(sock)
 
-    def _drain_zmq(self, sock: zmq.Socket) -> None:
-        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            msg: bytes = sock.recv(zmq.NOBLOCK, copy=True)
-            self._on_zmq(msg, time.monotonic_ns())
+    def _check_sent(self) -> None:
+        """A send may consume a socket's wake-up signal for a reply that is already queued
+        (ZMQ_FD is edge-like): look at every socket sent on, once per batch of sends."""
+        if self.sent_socks:
+            socks, self.sent_socks = self.sent_socks, []
+            self._drain_zmq(list(dict.fromkeys(socks)))
 
     def _open_tcp(self) -> dict[str, Any]:
         from bench.per_frame_server import HELLO, HELLO_OK
@@ -301,7 +317,7 @@ class _Run:
         pcm = self._next_pcm(s)
         sid = self.sid[s]
         if self.gateway:
-            self.gateway_parts.append(_ITEM.pack(sid, seq, P.DType.INT16, len(pcm)))
+            self.gateway_parts.append(_ITEM.pack(sid, seq, _INT16, len(pcm)))
             self.gateway_parts.append(pcm)
             self.gateway_bytes += _ITEM.size + len(pcm)
             self.gateway_due.append((s, seq, due))
@@ -317,16 +333,13 @@ class _Run:
                 self.window.lateness.append((now - due) * 1e-6)
             return
         sock = self.socks[s]
-        msg = _AUDIO_MSG.pack(b"RS", 1, P.MsgType.AUDIO, seq, sid, seq, P.DType.INT16, len(pcm)) + pcm
+        msg = _AUDIO_MSG.pack(b"RS", 1, _AUDIO, seq, sid, seq, _INT16, len(pcm)) + pcm
         now = time.monotonic_ns()
         sock.send(msg, copy=True)
         self._track(s, seq, now)
         if due:
             self.window.lateness.append((now - due) * 1e-6)
-        # A send may consume the socket's wake-up signal for a reply that is already queued
-        # (ZMQ_FD is edge-like): look at the socket now, not at the next wake-up.
-        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self._drain_zmq(sock)
+        self.sent_socks.append(sock)
 
     def flush(self) -> None:
         """Gateway shape: one AUDIO message carrying every chunk queued since the last flush."""
@@ -344,8 +357,7 @@ class _Run:
         self.gateway_parts = []
         self.gateway_due = []
         self.gateway_bytes = 0
-        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self._drain_zmq(sock)
+        self.sent_socks.append(sock)
 
     def _tcp_send(self, s: int, msg: bytes) -> None:
         sock, out = self.socks[s], self._tcp_out[s]
@@ -378,24 +390,24 @@ class _Run:
 
     def _on_zmq(self, msg: bytes, now: int) -> None:
         kind = msg[3]
-        if kind == P.MsgType.RESULTS:
+        if kind == _RESULTS:
             offset, end = P.HEADER.size, len(msg)
             while offset < end:
                 sid, seq, _, n_frames, n_events, flags = _RESULT.unpack_from(msg, offset)
                 body = offset + _RESULT_SIZE
                 offset = body + 4 * n_frames + _EVENT_SIZE * n_events
-                if flags & P.ResultFlag.FINAL:
+                if flags & _FINAL:
                     self.closed_streams += 1
                     continue
                 if self._answer((sid << 32) | seq, n_frames, now):
-                    if flags & P.ResultFlag.SHED:
+                    if flags & _SHED:
                         shed = 0
                         for i in range(n_frames):
                             value = _F32.unpack_from(msg, body + 4 * i)[0]
                             shed += value != value
                         self.window.shed += shed
                     self._released(sid)
-        elif kind == P.MsgType.ERROR:
+        elif kind == _ERROR_MSG:
             sid, seq, code = _ERROR.unpack_from(msg, P.HEADER.size)
             try:
                 name = P.ErrorCode(code).name
@@ -411,7 +423,7 @@ class _Run:
                 self._released(sid)
             else:
                 self.window.other_errors[name] += 1
-        elif kind == P.MsgType.OPENED:
+        elif kind == _OPENED:
             opening = self._opening
             if opening is not None:
                 opening["opened"] += 1
@@ -468,10 +480,20 @@ class _Run:
             self.send_chunk(s, seq, 0)
 
     def _poll(self, timeout_s: float) -> None:
+        self._check_sent()
+        ready = []
         for fd, events in self.ep.poll(max(timeout_s, 0.0)):
+            sock = self.zmq_by_fd.get(fd)
+            if sock is not None:
+                ready.append(sock)
+                continue
             handler = self.handlers.get(fd)
             if handler is not None:
                 handler(events, fd)
+        if ready:
+            self._drain_zmq(ready)
+        while self.sent_socks:  # max pace: replies released more chunks
+            self._check_sent()
 
     def _expire(self, now: int) -> None:
         deadlines, pending = self.deadlines, self.pending
@@ -522,10 +544,30 @@ class _Run:
                     self.send_chunk(s, seq, 0)
             self.flush()
             next_due = 1 << 62
+        send = self.send_chunk
+
+        def send_due(limit: int) -> None:
+            """Every chunk due at or before ``limit`` (on the absolute schedule) goes now."""
+            nonlocal idx, cycle, next_due
+            if next_due > limit:
+                return
+            while next_due <= limit:
+                send(order[idx], cycle + 1, next_due)
+                idx += 1
+                if idx == n:
+                    idx = 0
+                    cycle += 1
+                next_due = base[idx] + cycle * period
+            if gateway:
+                self.flush()
+
         try:
             while True:
                 now = time.monotonic_ns()
                 if now >= next_report:
+                    # A window holds the chunks due in it, even when a stall made them leave
+                    # after its end: their lateness records the stall.
+                    send_due(next_report - 1)
                     self._report(report_index)
                     report_index += 1
                     next_report += window_ns
@@ -534,16 +576,7 @@ class _Run:
                     self._expire(now)
                     self._control()
                 if now >= next_due:
-                    while next_due <= now:
-                        s = order[idx]
-                        self.send_chunk(s, cycle + 1, next_due)
-                        idx += 1
-                        if idx == n:
-                            idx = 0
-                            cycle += 1
-                        next_due = base[idx] + cycle * period
-                    if gateway:
-                        self.flush()
+                    send_due(now)
                 elif gateway and plan.pace == "max":
                     self.flush()
                 wake = min(next_report, next_house)
@@ -574,8 +607,7 @@ class _Run:
             self.closed_streams = 0
             while self.closed_streams < closed_wanted and time.monotonic() < deadline:
                 self._poll(0.05)
-                for sock in set(self.socks):  # see send_chunk: a send may hide a reply
-                    self._drain_zmq(sock)
+                self._drain_zmq(list({id(x): x for x in self.socks}.values()))  # see _check_sent
         late = self.window.export(len(self.pending))
         result = {"closed": self.closed_streams if self.plan.target == "ringserve" else self.n_open,
                   "close_wanted": closed_wanted if self.plan.target == "ringserve" else self.n_open,

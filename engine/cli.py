@@ -120,6 +120,7 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.cli import add_bench_parser
     from clients.file_client import add_stream_parser
     from clients.status import add_status_parser
 
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     add_stream_parser(sub)
     add_status_parser(sub)
     add_keys_parser(sub)
+    add_bench_parser(sub)
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)

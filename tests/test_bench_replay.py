@@ -1,0 +1,239 @@
+"""The multi-mic replay bench (bench/replay.py, bench/loadgen.py, `ringserve bench`) against a
+real daemon at small N: pacing on the absolute schedule, latency and loss accounting (refused,
+timed out), the capacity search, the soak's RSS figures, and --json/--csv holding every
+reported figure. No assertion on absolute speed: the machine is shared and noisy."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import threading
+import time
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bench import replay
+from bench.replay import (
+    FRAMES_PER_S,
+    LoadFleet,
+    PointResult,
+    PointSettings,
+    find_capacity,
+    measure_point,
+)
+from tests.conftest import DaemonProcess
+
+FAST = PointSettings(window_s=1.0, warmup_s=0.5, stable_windows=2, max_point_s=2.0, load_procs=1)
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two short 16 kHz WAVs (a tone burst over noise): accounting needs audio, not speech."""
+    root = tmp_path_factory.mktemp("bench-audio")
+    rng = np.random.default_rng(7)
+    for i, seconds in enumerate((3.1, 4.7)):
+        n = int(16000 * seconds)
+        t = np.arange(n) / 16000
+        pcm = 400 * rng.standard_normal(n) + 6000 * np.sin(2 * np.pi * (180 + 40 * i) * t) * (np.sin(t * 3) > 0)
+        with wave.open(str(root / f"mic_{i}.wav"), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(16000)
+            w.writeframes(np.clip(pcm, -32768, 32767).astype("<i2").tobytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def fleet(audio_dir: Path) -> Iterator[LoadFleet]:
+    with LoadFleet(audio_dir, max_procs=2) as f:
+        yield f
+
+
+def test_pacing_follows_the_absolute_schedule(engine: DaemonProcess, fleet: LoadFleet) -> None:
+    streams = 6
+    point = measure_point(engine.endpoint, streams, shape="device", duration_s=3.0, settings=FAST, fleet=fleet)
+    assert point.stop_reason == "duration" and point.measured_windows == 3
+    # Every window holds exactly the chunks its stretch of the absolute schedule has: 31 or 32
+    # per stream per second (the phase decides). A pacer that skipped chunks after a stall, or
+    # that slept a period after each send (drifting later and later), fails this ...
+    for window in point.windows:
+        assert abs(window["sent"] - streams * FRAMES_PER_S * FAST.window_s) <= streams, window
+    assert abs(point.sent_fps - FRAMES_PER_S * streams) <= streams / FAST.window_s
+    # ... and each chunk left close to its due time: the median send-time error is the wake-up
+    # granularity (a frame is 32 ms), in the first window as in the last (no drift).
+    assert 0 <= point.lateness_p50_ms < 8.0, point.lateness_p50_ms
+    assert point.lateness_p99_ms >= point.lateness_p50_ms
+    for window in point.windows:
+        assert 0 <= window["lateness_p50_ms"] < 8.0, window
+    assert point.sent == point.answered and point.lost == 0 and point.unexplained == 0
+    assert point.streams_opened == point.streams_closed == streams
+    assert 0 < point.p50_ms <= point.p90_ms <= point.p95_ms <= point.p99_ms <= point.max_ms
+    assert point.engine["frames"] > 0 and point.engine["avg_batch"] >= 1.0
+    assert point.cpu["frontend_pct"] >= 0 and point.cpu["workers_pct"] >= 0 and point.cpu["bench_pct"] > 0
+
+
+def test_gateway_shape_and_max_pace(engine: DaemonProcess, fleet: LoadFleet) -> None:
+    gateway = measure_point(engine.endpoint, 5, shape="gateway", duration_s=1.0, settings=FAST, fleet=fleet)
+    assert gateway.sent == gateway.answered > 0 and gateway.lost == 0 and gateway.unexplained == 0
+    assert gateway.streams_closed == 5
+    # one message per tick carries every due stream: pacing error is bounded by the tick
+    assert gateway.lateness_p50_ms <= FAST.tick_ms + 8.0
+    closed = measure_point(engine.endpoint, 3, pace="max", duration_s=1.0, settings=FAST, fleet=fleet)
+    assert closed.sent == closed.answered and closed.lost == 0 and closed.unexplained == 0
+    assert math.isnan(closed.lateness_p50_ms)  # no schedule in a closed loop
+
+
+def test_refused_frames_are_counted_lost_with_their_code(engine: DaemonProcess, fleet: LoadFleet) -> None:
+    # Stream 3 is scheduled like the others but never opened: the engine answers each of its
+    # frames with ERROR UNKNOWN_STREAM, which must show up as refused, not as answered or missing.
+    point = measure_point(engine.endpoint, 2, duration_s=2.0, settings=FAST, fleet=fleet, unopened_streams=1)
+    refused = point.refused.get("UNKNOWN_STREAM", 0)
+    assert refused > 0 and set(point.refused) == {"UNKNOWN_STREAM"}
+    assert point.lost == refused and point.timed_out == 0 and point.shed == 0
+    assert point.sent == point.answered + refused and point.unexplained == 0
+    # a third of the frames went to the unopened stream (same schedule, same rate)
+    assert abs(refused - point.sent / 3) <= 3
+    assert not point.passed and any("lost" in reason for reason in point.fail_reasons)
+
+
+def test_frames_of_a_stopped_daemon_time_out(engine: DaemonProcess, fleet: LoadFleet) -> None:
+    settings = PointSettings(window_s=1.0, warmup_s=0.5, load_procs=1, timeout_ms=300.0)
+    box: dict[str, PointResult] = {}
+    thread = threading.Thread(target=lambda: box.update(point=measure_point(
+        engine.endpoint, 3, duration_s=3.0, settings=settings, fleet=fleet)))
+    thread.start()
+    try:
+        time.sleep(1.5)
+        os.kill(engine.pid, signal.SIGSTOP)  # the front-end stops answering for 1 s > 300 ms
+        time.sleep(1.0)
+    finally:
+        os.kill(engine.pid, signal.SIGCONT)
+    thread.join(60)
+    point = box["point"]
+    assert point.timed_out > 0, point
+    assert point.lost == point.timed_out + point.shed + sum(point.refused.values())
+    assert point.unexplained == 0 and point.sent == point.answered + point.timed_out + sum(point.refused.values())
+    # the daemon answered the timed-out frames once it ran again: late, and not answered
+    assert 0 < point.late <= point.timed_out
+    assert point.max_ms < 300 + 50  # nothing counted answered after its time-out
+    assert not point.passed
+
+
+def test_capacity_search_doubles_then_bisects(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def fake_point(endpoint: str, streams: int, **_: Any) -> PointResult:
+        calls.append(streams)
+        ok = streams <= 37
+        return PointResult("ringserve", "device", "realtime", streams, 32.0, 32.0, 1, 1.0,
+                           needed_fps=FRAMES_PER_S * streams, achieved_fps=FRAMES_PER_S * streams * (1 if ok else 0.8),
+                           p99_ms=10.0 + streams / 10 if ok else 90.0, passed=ok)
+
+    monkeypatch.setattr(replay, "measure_point", fake_point)
+
+    class NoFleet:
+        def close(self) -> None:
+            pass
+
+    cap = find_capacity("ipc:///nowhere", start_streams=8, resolution=0.05, fleet=NoFleet())  # type: ignore[arg-type]
+    assert calls[:4] == [8, 16, 32, 64]
+    assert cap.capacity_streams <= 37 < cap.first_fail  # type: ignore[operator]
+    assert cap.first_fail - cap.capacity_streams <= max(2, 0.05 * cap.capacity_streams)  # type: ignore[operator]
+    assert cap.p99_ms_at_capacity == pytest.approx(10.0 + cap.capacity_streams / 10)
+    assert cap.saturation_fps == pytest.approx(0.8 * FRAMES_PER_S * 64)  # the overloaded point shows the ceiling
+    calls.clear()
+    top = find_capacity("ipc:///nowhere", start_streams=8, max_streams=20, fleet=NoFleet())  # type: ignore[arg-type]
+    assert calls == [8, 16, 20] and top.capacity_streams == 20 and top.limited_by_max and top.first_fail is None
+
+
+def test_stability_rule() -> None:
+    assert replay._agree([100.0, 104.0, 96.0], 0.10, 0.0)
+    assert not replay._agree([100.0, 125.0, 96.0], 0.10, 0.0)
+    assert replay._agree([1.0, 2.2, 1.5], 0.10, 1.6)  # sub-budget latency jitter within the absolute tolerance
+    assert not replay._agree([1.0, math.nan, 1.0], 0.10, 1.6)
+
+
+def test_soak_reports_rss_per_engine_process(engine: DaemonProcess, fleet: LoadFleet) -> None:
+    from bench.soak import parse_duration, soak, summarize_rss
+
+    result = soak(engine.endpoint, 3, 2.0, settings=FAST, fleet=fleet, window_s=1.0)
+    assert {"frontend", "worker-0", "worker-1"} <= set(result.processes)
+    for proc in result.processes.values():
+        assert 10 < proc["start_mib"] <= proc["max_mib"] and proc["end_mib"] <= proc["max_mib"]
+    assert len(result.samples) >= 3 and result.point is not None and result.point.lost == 0
+    json.dumps(result.to_dict(), allow_nan=False)
+    assert parse_duration("30m") == 1800 and parse_duration("1h30m") == 5400 and parse_duration("90") == 90
+    with pytest.raises(ValueError):
+        parse_duration("30 minutes")
+    steady = [{"t": t, "w": 100.0 + (0.01 if t % 2 else 0.0)} for t in range(0, 3600, 60)]
+    growing = [{"t": t, "w": 100.0 + t / 360} for t in range(0, 3600, 60)]  # 10 MiB per hour
+    assert not summarize_rss(steady, {"w": 1})["w"]["flagged"]
+    grown = summarize_rss(growing, {"w": 1})["w"]
+    assert grown["flagged"] and grown["slope_mib_per_h"] == pytest.approx(10, rel=0.01)
+
+
+def test_cli_json_and_csv_hold_every_reported_figure(engine: DaemonProcess, audio_dir: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.cli import main
+
+    out_json, out_csv = tmp_path / "bench.json", tmp_path / "bench.csv"
+    code = main(["bench", "--endpoint", engine.endpoint, "--audio", str(audio_dir), "--streams", "3",
+                 "--baseline", "raw,per-frame", "--raw-seconds", "0.3",
+                 "--quick", "--window-s", "0.5", "--warmup-s", "0.5", "--max-point-s", "1",
+                 "--json", str(out_json), "--csv", str(out_csv), "--quiet"])
+    assert code == 0
+    table = capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    for key in ("cpus", "cpu_model", "onnxruntime", "loadavg", "source"):
+        assert report["machine"][key] is not None
+    raw = report["baselines"]["raw"]
+    assert raw["frames_per_s"] > 0 and raw["streams"] == pytest.approx(raw["frames_per_s"] / FRAMES_PER_S)
+    assert [r["when"] for r in raw["runs"]] == ["before", "after"]
+    points = [e["point"] for e in report["points"]]
+    assert [(p["target"], p["shape"]) for p in points] == [("ringserve", "device"), ("per-frame", "device")]
+    for p in points:
+        for key in ("sent", "answered", "lost", "shed", "timed_out", "p50_ms", "p90_ms", "p95_ms", "p99_ms",
+                    "max_ms", "within_budget", "achieved_fps", "needed_fps", "throughput_ratio",
+                    "lateness_p99_ms", "stable", "passed", "measured_windows"):
+            assert p[key] is not None, (p["target"], key)
+        assert p["sent"] == p["answered"] and p["lost"] == 0 and p["refused"] == {}
+        assert p["cpu"]["bench_pct"] > 0
+        assert p["windows"] and all("p99_ms" in w for w in p["windows"])
+        # the table shows these figures; the JSON must hold the same ones
+        assert f"{p['p99_ms']:.1f}" in table
+    for p in points[:1]:
+        for key in ("avg_batch", "queue_ms_per_frame", "compute_ms_per_batch", "queue_share"):
+            assert p["engine"][key] is not None and p["engine"][key] >= 0, key
+        assert p["cpu"]["frontend_pct"] >= 0 and p["cpu"]["workers_pct"] >= 0
+    assert points[1]["cpu"]["server_pct"] >= 0
+    with out_csv.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 and {r["target"] for r in rows} == {"ringserve", "per-frame"}
+    assert float(rows[0]["p99_ms"]) == pytest.approx(points[0]["p99_ms"])
+
+
+def test_plot_draws_budget_and_series(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from bench.report import write_plot
+
+    def point(target: str, shape: str, n: int, p99: float) -> dict[str, Any]:
+        return {"target": target, "shape": shape, "pace": "realtime", "streams": n, "p50_ms": p99 / 3,
+                "p99_ms": p99, "achieved_fps": FRAMES_PER_S * n, "passed": p99 <= 32}
+
+    report = {"budget_ms": 32.0, "machine": {"cpus": 2, "onnxruntime": "x", "source": "t", "loadavg": [1.0]},
+              "baselines": {"raw": {"frames_per_s": 10000.0}},
+              "capacity": {"ringserve/device": {"capacity_streams": 64}},
+              "points": [{"phase": "capacity", "point": point("ringserve", "device", n, 3 + n / 4)}
+                         for n in (16, 32, 64, 128)]
+              + [{"phase": "capacity", "point": point("per-frame", "device", n, 2 + n)} for n in (8, 16, 32)]}
+    path = tmp_path / "plot.png"
+    write_plot(report, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
