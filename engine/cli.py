@@ -122,6 +122,7 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from bench.cli import add_bench_parser
     from clients.file_client import add_stream_parser
+    from clients.mic import add_mic_parser
     from clients.status import add_status_parser
 
     parser = argparse.ArgumentParser(
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(sub)
     add_stream_parser(sub)
+    add_mic_parser(sub)
     add_status_parser(sub)
     add_keys_parser(sub)
     add_bench_parser(sub)
