@@ -95,6 +95,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     load.add_argument("--load-procs", type=_load_procs, default=None, metavar="auto|K",
                       help="load-generator processes (default auto: ~250 device streams or ~1000 gateway "
                       "streams per process, at most one per CPU)")
+    load.add_argument("--load-nice", type=int, default=0, metavar="N",
+                      help="add N to the load processes' niceness; a negative N (needs privileges) keeps the "
+                      "bench on schedule when it shares a busy machine with the engine (default 0)")
     load.add_argument("--budget-ms", type=float, default=32.0, help="latency budget for p99 (default 32)")
     load.add_argument("--timeout-ms", type=float, default=2000.0,
                       help="a chunk without a reply for this long is lost (timed out; default 2000)")
@@ -121,6 +124,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--raw-seconds", type=float, default=5.0, help="raw baseline duration per run (default 5)")
     what.add_argument("--per-frame-threads", type=int, default=1,
                       help="per-frame baseline: onnxruntime intra-op threads of its one session (default 1)")
+    what.add_argument("--per-frame-endpoint", metavar="tcp://HOST:PORT",
+                      help="per-frame baseline: drive this running server (python -m bench.per_frame_server, "
+                      "e.g. on a remote engine's machine) instead of starting one here")
     what.add_argument("--soak", metavar="DURATION", help="hold 80 %% of a capacity (--streams, else found first) "
                       "for DURATION (e.g. 30m) and watch engine RSS")
     what.add_argument("--soak-load", type=float, default=0.8, help="soak: share of the capacity held (default 0.8)")
@@ -232,7 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             workers = workers or len(stats.get("workers", [])) or 1
         say(f"engine at {endpoint}; {report['machine']['cpus']} CPUs, onnxruntime {report['machine']['onnxruntime']}, "
             f"load average {report['machine']['loadavg'][0]:.2f}")
-        fleet = stack.enter_context(LoadFleet(args.audio))
+        fleet = stack.enter_context(LoadFleet(args.audio, nice=args.load_nice))
         report["audio_dir"] = str(fleet.audio_dir)
         raw_runs: list[dict[str, Any]] = []
         local = args.spawn_engine or _is_local(endpoint)
@@ -255,19 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for shape in shapes:
             _measure_target(report, args, endpoint, "ringserve", shape, common, curve, alive, say)
         if "per-frame" in baselines and not args.soak:
-            from bench.per_frame_server import spawn_per_frame_server
-
-            say("per-frame baseline server: one thread per connection, one session.run per frame under a lock")
-            with spawn_per_frame_server(args.per_frame_threads) as server:
-                report["baselines"]["per-frame"] = {"endpoint": server.endpoint, "pid": server.pid,
-                                                    "intra_op_threads": args.per_frame_threads}
-
-                def server_alive() -> None:
-                    if server.proc.poll() is not None:
-                        raise _bench_error("the per-frame server died:\n" + "\n".join(server.log))
-
-                _measure_target(report, args, server.endpoint, "per-frame", "device",
-                                {**common, "pids": {"server": [server.pid]}}, None, server_alive, say)
+            _per_frame_baseline(report, args, common, say)
         raw_baseline("after")
         if raw_runs:
             fps = sum(r["frames_per_s"] for r in raw_runs) / len(raw_runs)
@@ -281,6 +275,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _print_summary(report)
     _write_outputs(report, args, say)
     return report
+
+
+def _per_frame_baseline(report: dict[str, Any], args: argparse.Namespace, common: dict[str, Any],
+                        say: Callable[[str], None]) -> None:
+    """The conventional server, same load and search, device shape (one connection per stream)."""
+    if args.per_frame_endpoint:
+        say(f"per-frame baseline server at {args.per_frame_endpoint} (its CPU is not read from here)")
+        report["baselines"]["per-frame"] = {"endpoint": args.per_frame_endpoint, "spawned": False}
+        _measure_target(report, args, args.per_frame_endpoint, "per-frame", "device", common, None, None, say)
+        return
+    from bench.per_frame_server import spawn_per_frame_server
+
+    say("per-frame baseline server: one thread per connection, one session.run per frame under a lock")
+    with spawn_per_frame_server(args.per_frame_threads) as server:
+        report["baselines"]["per-frame"] = {"endpoint": server.endpoint, "pid": server.pid, "spawned": True,
+                                            "intra_op_threads": args.per_frame_threads}
+
+        def server_alive() -> None:
+            if server.proc.poll() is not None:
+                raise _bench_error("the per-frame server died:\n" + "\n".join(server.log))
+
+        _measure_target(report, args, server.endpoint, "per-frame", "device",
+                        {**common, "pids": {"server": [server.pid]}}, None, server_alive, say)
 
 
 def _bench_error(text: str) -> Exception:

@@ -626,9 +626,15 @@ class _Run:
         self.ep.close()
 
 
-def load_main(index: int, audio_dir: str, conn: Connection) -> None:
+def load_main(index: int, audio_dir: str, conn: Connection, nice: int = 0) -> None:
     """Entry point of a load process: load the audio once, then run points until ``quit``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError as exc:
+            conn.send(("failed", f"--load-nice {nice}: {exc} (a negative niceness needs privileges)"))
+            return
     from bench.procinfo import raise_nofile_limit
 
     raise_nofile_limit()

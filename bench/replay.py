@@ -31,9 +31,10 @@ API (keyword arguments after ``*`` may grow, never change meaning):
     the largest N whose point passes (p99 <= budget, nothing lost, achieved frames/s >= 98 %
     of 31.25 * N): N doubles from ``start_streams`` until a point fails, then bisects.
     ``quick=True`` uses short windows and a coarse resolution (~20 s on 2 cores).
-``LoadFleet(audio_dir=None, max_procs=None)``
+``LoadFleet(audio_dir=None, max_procs=None, nice=0)``
     the load-generator processes; pass one as ``fleet=`` to reuse them across calls
-    (otherwise each call starts and stops its own). Use it as a context manager.
+    (otherwise each call starts and stops its own; ``audio_dir`` of a call is then ignored:
+    the fleet's audio is used). Use it as a context manager.
 
 ``target="per-frame"`` drives the per-frame baseline server (bench/per_frame_server.py,
 device shape only) instead of ringserve. The endpoint is a ZeroMQ endpoint of a running
@@ -149,6 +150,7 @@ class PointResult:
     stop_reason: str = ""  # stable | max_duration | duration | overloaded | lost | open_failed
     passed: bool = False
     fail_reasons: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. the load generator fell behind its schedule
     engine: dict[str, Any] = field(default_factory=dict)  # STATS deltas over the judged windows
     cpu: dict[str, Any] = field(default_factory=dict)  # % of one core, judged windows
     loadavg: list[float] = field(default_factory=list)
@@ -207,7 +209,7 @@ class LoadFleet:
     """Load-generator processes, started on demand (up to ``max_procs``) and reused across
     points; every one is stopped by ``close()`` / the end of the ``with`` block."""
 
-    def __init__(self, audio_dir: Path | None = None, max_procs: int | None = None) -> None:
+    def __init__(self, audio_dir: Path | None = None, max_procs: int | None = None, nice: int = 0) -> None:
         if audio_dir is None:
             from bench.corpus import ensure_corpus
 
@@ -215,6 +217,7 @@ class LoadFleet:
         self.audio_dir = Path(audio_dir)
         self.max_procs = max_procs or max(2, os.cpu_count() or 1)
         self.procs: list[_LoadProc] = []
+        self.nice = nice  # added to each load process's niceness (negative: higher priority, needs privileges)
         raise_nofile_limit()
 
     def __enter__(self) -> LoadFleet:
@@ -228,7 +231,7 @@ class LoadFleet:
             self.max_procs = count
         while len(self.procs) < count:
             parent, child = _CTX.Pipe(duplex=True)
-            proc = _CTX.Process(target=load_main, args=(len(self.procs), str(self.audio_dir), child),
+            proc = _CTX.Process(target=load_main, args=(len(self.procs), str(self.audio_dir), child, self.nice),
                                 name=f"bench-load-{len(self.procs)}", daemon=True)
             proc.start()
             child.close()
@@ -712,6 +715,13 @@ def _finish(result: PointResult, run: _PointRun, measured: list[dict[str, Any]],
         reasons.append(f"throughput {100 * result.throughput_ratio:.1f} % of needed < {100 * s.throughput_min:g} %")
     result.fail_reasons = reasons
     result.passed = not reasons and result.stop_reason != "open_failed"
+    if result.lateness_p99_ms > budget_ms / 2:
+        result.warnings.append(f"the load generator fell behind its schedule (send-time error p99 "
+                               f"{result.lateness_p99_ms:.1f} ms): the bench, not only the server, was short of CPU")
+    if result.unexpected:
+        result.warnings.append(f"{result.unexpected} replies matched nothing sent")
+    if result.streams_closed < result.streams_opened:
+        result.warnings.append(f"only {result.streams_closed} of {result.streams_opened} streams closed cleanly")
 
 
 # ---- capacity search -------------------------------------------------------------------------
