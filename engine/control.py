@@ -28,6 +28,7 @@ _OPEN_KEYS = {"sample_rate", "dtype", "vad", "shed_after_ms"}
 # (speech_pad_ms=1e300 would make int(end + pad) overflow the wire's u64, or int(inf) raise).
 _MAX_VAD_MS = 3_600_000
 BUCKETS_S = [b / 1e6 for b in BUCKETS_US]
+_NUMPY_DTYPES = {int(k): v for k, v in P.NUMPY_DTYPES.items()}  # plain-int keys: no enum lookup per chunk
 
 
 class Outlet(Protocol):
@@ -166,6 +167,7 @@ class StreamTable:
             stream.closing = True
             if stream.pad_final():
                 self._out().write_frames(stream, 1)
+                self.counters["frames_in"] += 1
             stream.chunks.append(PendingChunk(P.CLOSE_SEQ, request_id, stream.next_seq, kind="close"))
         self.complete_chunks(stream)
 
@@ -191,7 +193,7 @@ class StreamTable:
         if dtype != stream.dtype:
             raise ProtocolError(ErrorCode.BAD_DTYPE, f"stream {stream_id} was opened for "
                                 f"{P.DType(stream.dtype).name.lower()} samples but this chunk says dtype {dtype}")
-        np_dtype = P.NUMPY_DTYPES[P.DType(dtype)]
+        np_dtype = _NUMPY_DTYPES[dtype]
         if nbytes % np_dtype.itemsize:
             raise ProtocolError(ErrorCode.BAD_AUDIO, f"chunk of {nbytes} bytes is not a whole number of "
                                 f"{np_dtype.itemsize}-byte samples")

@@ -96,7 +96,7 @@ def test_bad_environment_fails_fast(key: str, raw: str, needles: list[str]) -> N
 def test_bad_flag_fails_fast() -> None:
     code, out, err, pid, seconds = serve("--workers", "two")
     assert code == 2
-    assert_failed_fast(code, out, err, pid, seconds, "--workers", "invalid int value: 'two'")
+    assert_failed_fast(code, out, err, pid, seconds, "--workers", "must be an integer or 'auto', got 'two'")
     code, out, err, pid, seconds = serve("--wrokers", "2")
     assert code == 2
     assert_failed_fast(code, out, err, pid, seconds, "unrecognized arguments: --wrokers")
