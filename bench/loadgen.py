@@ -384,6 +384,11 @@ class _Run:
             else:
                 self.window.unexpected += 1
             return False
+        if now - sent > self.timeout_ns:  # came after its time-out, before the next scan noticed
+            self.window.timed_out += frames
+            self.window.late += frames
+            self._released(key >> 32)
+            return False
         self.window.answered += frames
         self.window.lat.append((now - sent) * 1e-6)
         return True
