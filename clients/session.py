@@ -302,6 +302,7 @@ class Session:
         self.last_rx = now
         self.last_ping = now
         self.heartbeat: Request | None = None
+        self.instance: str | None = None  # the daemon's instance id, from PONG/OPENED
         self.probe_ids: set[int] = set()
         self.last_probe = -math.inf
         self.lost_reason = ""
@@ -462,6 +463,8 @@ class Session:
         elif msg_type == MsgType.ERROR:
             self._on_error(P.decode_error(msg), wall, now, out)
         else:
+            if self._daemon_replaced(msg_type, msg):
+                return out + self.connection_lost("the daemon restarted (its instance id changed)", wall, now)
             request = self.requests.pop(request_id, None)
             if request is None:
                 if msg_type == MsgType.PONG and request_id in self.probe_ids:
@@ -471,6 +474,27 @@ class Session:
                 return out
             self._on_reply(request, msg_type, msg, wall, now, out)
         return out
+
+    def _daemon_replaced(self, msg_type: int, msg: bytes) -> bool:
+        """True when a PONG or OPENED comes from another daemon than the streams were opened on.
+
+        A daemon restarted faster than the heartbeat timeout answers pings like the old one; only
+        its instance id (new at every start) tells. While probing after a loss, a new id is expected.
+        """
+        if msg_type == MsgType.PONG:
+            body = msg[P.HEADER.size:]
+        elif msg_type == MsgType.OPENED:
+            body = msg[P.HEADER.size + P.STREAM_ID.size:]
+        else:
+            return False
+        try:
+            instance = P.decode_json(body).get("instance") if body else None
+        except P.ProtocolError:
+            return False
+        if not isinstance(instance, str):
+            return False  # an engine that predates instance ids
+        previous, self.instance = self.instance, instance
+        return previous is not None and previous != instance and self.state is ConnState.CONNECTED
 
     def _unclaimed(self, key: tuple[str, int], value: Any) -> None:
         self.counters.unclaimed += 1

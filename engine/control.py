@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import secrets
 import time
 from collections import Counter
 from typing import Any, Callable, Protocol
@@ -52,6 +53,9 @@ class StreamTable:
         self.frame_samples = frame_samples
         self.context_samples = context_samples
         self.stats_provider = stats_provider
+        # New at every daemon start: lets a client tell a restarted daemon from a slow one.
+        self.instance = secrets.token_hex(8)
+        self._instance_json = P.encode_json({"instance": self.instance})
         self.outlet: Outlet | None = None
         self.streams: dict[tuple[bytes, int], Stream] = {}
         self.by_slot: list[Stream | None] = [None] * max_streams
@@ -75,7 +79,7 @@ class StreamTable:
             if msg_type == MsgType.AUDIO:
                 self.on_audio(identity, request_id, msg)
             elif msg_type == MsgType.PING:
-                self._out().send(identity, P.header(MsgType.PONG, request_id))
+                self._out().send(identity, P.header(MsgType.PONG, request_id) + self._instance_json)
             elif msg_type == MsgType.STATS:
                 self._out().send(identity, P.header(MsgType.STATS_REPLY, request_id)
                                  + P.encode_json(self.stats_provider()))
@@ -153,7 +157,7 @@ class StreamTable:
         self.counters["streams_opened"] += 1
         reply = {"stream": stream_id, "sample_rate": rate, "frame_samples": stream.frame,
                  "dtype": dtype_name, "vad": vad_params.to_dict(), "max_message_bytes": self.max_message_bytes,
-                 "shed_after_ms": shed_after_ms}
+                 "shed_after_ms": shed_after_ms, "instance": self.instance}
         self._out().send(identity, P.header(MsgType.OPENED, request_id) + P.STREAM_ID.pack(stream_id)
                          + P.encode_json(reply))
 

@@ -50,6 +50,7 @@ def collect_stats(daemon: Daemon) -> dict[str, Any]:
         "live": True,
         "ready": all(link.proc.ready for link in frontend.links),
         "uptime_s": round(time.time() - daemon.started, 3),
+        "instance": table.instance,
         "pid": os.getpid(),
         "model": {"path": daemon.model_path, "sha256": daemon.model_sha256},
         "versions": {"ringserve": _VERSION, "onnxruntime": onnxruntime.__version__, "protocol": 1},

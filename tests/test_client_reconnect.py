@@ -133,3 +133,30 @@ def test_clients_reconnect_after_sigkill_and_restart() -> None:
           f"reset at stream sample {reset.base_sample} ({reset.lost_chunks} chunks / {reset.lost_samples} samples "
           f"lost), max |diff| after it {diff_async:.3g}; sync client: reset at {sync_reset.base_sample}, "
           f"max |diff| after it {diff_sync:.3g}")
+
+
+def test_idle_stream_notices_a_quick_restart_by_the_instance_id() -> None:
+    """Restarted faster than the heartbeat timeout: only the new instance id in PONG tells."""
+    endpoint = f"ipc://{tempfile.mkdtemp(prefix='rs-')}/engine.sock"
+    clip = [c for c in speech_clips() if c.rate == 16000][0]
+    first = spawn_daemon("--workers", "1", endpoint=endpoint)
+    second: DaemonProcess | None = None
+    try:
+        resets: list[StreamReset] = []
+        with Client(endpoint, timeout=60, heartbeat=0.2, heartbeat_timeout=60) as client:
+            stream = client.open_stream(16000, "int16", on_reset=resets.append)
+            stream.send(clip.pcm[:16000])
+            first.stop(signal.SIGKILL)
+            second = spawn_daemon("--workers", "1", endpoint=endpoint)
+            deadline = time.monotonic() + 20
+            while not resets and time.monotonic() < deadline:
+                client.poll(0.1)  # idle: no audio is sent, only heartbeats
+            assert [r.reason for r in resets] == ["reconnect"], "the restart went unnoticed"
+            results = stream.send(clip.pcm[16000:48000]) + stream.close()
+        ref = reference(Clip(clip.name + "-after-quick-restart", clip.pcm[16000:48000], 16000))
+        got = np.array([r.probability for r in results if r.epoch == resets[0].epoch], np.float32)
+        assert len(got) == len(ref) and float(np.max(np.abs(got - ref))) <= TOLERANCE
+    finally:
+        first.stop(signal.SIGKILL)
+        if second is not None:
+            assert second.stop() == 0
