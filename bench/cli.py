@@ -213,6 +213,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info(), "budget_ms": budget, "settings": asdict(settings),
         "target": {}, "baselines": {}, "capacity": {}, "points": [], "profile": {}, "ratios": {}, "targets": {}}
     started = time.monotonic()
+    from bench.procinfo import machine_cpu_seconds
+
+    machine_before = machine_cpu_seconds()
     with ExitStack() as stack:
         alive: Callable[[], None] | None = None
         workers = args.workers
@@ -271,6 +274,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _run_soak(report, args, endpoint, shapes[0], common, curve, alive, say, local)
     report["loadavg_end"] = list(os.getloadavg())
     report["elapsed_s"] = time.monotonic() - started
+    machine_after = machine_cpu_seconds()
+    if machine_before and machine_after:  # the whole run, every process on the machine
+        report["machine_during_run"] = {
+            "busy_pct": 100 * (machine_after[0] - machine_before[0]) / report["elapsed_s"],
+            "steal_pct": 100 * (machine_after[1] - machine_before[1]) / report["elapsed_s"]}
     _derive(report, baselines)
     _print_summary(report)
     _write_outputs(report, args, say)
@@ -401,6 +409,13 @@ def _derive(report: dict[str, Any], baselines: set[str]) -> None:
         ratios["frontend_cpu_pct_at_capacity"] = (point.get("cpu") or {}).get("frontend_pct")
         ratios["workers_cpu_pct_at_capacity"] = (point.get("cpu") or {}).get("workers_pct")
         ratios["bench_cpu_pct_at_capacity"] = (point.get("cpu") or {}).get("bench_pct")
+        ratios["others_cpu_pct_at_capacity"] = (point.get("cpu") or {}).get("others_pct")
+        ratios["steal_pct_at_capacity"] = (point.get("cpu") or {}).get("steal_pct")
+        fps = point.get("achieved_fps") or 0.0
+        if fps:
+            ratios["cpu_us_per_frame_at_capacity"] = {
+                role: 1e4 * value / fps for role in ("frontend", "workers", "bench", "server")
+                if (value := (point.get("cpu") or {}).get(f"{role}_pct")) is not None}
         report["ratios"][key] = ratios
         if key in goals:
             goal: dict[str, Any] = {}
@@ -424,8 +439,11 @@ def _print_summary(report: dict[str, Any]) -> None:
         return p
 
     m = report["machine"]
+    during = report.get("machine_during_run", {})
     print(f"\nringserve bench at {m['source']}: {m['cpus']} CPUs ({m['cpu_model']}), onnxruntime {m['onnxruntime']}, "
-          f"load average {m['loadavg'][0]:.2f} -> {report['loadavg_end'][0]:.2f}, {report['elapsed_s']:.0f} s")
+          f"load average {m['loadavg'][0]:.2f} -> {report['loadavg_end'][0]:.2f}, {report['elapsed_s']:.0f} s; "
+          f"machine busy {_fmt(during.get('busy_pct'), '.0f')} %, steal {_fmt(during.get('steal_pct'), '.0f')} % "
+          "of one core over the run")
     points = [e for e in report["points"]]
     if points:
         print("\npoints (phase: capacity search, profile at 10 %/80 % of capacity, sweep, soak)")
@@ -452,6 +470,10 @@ def _print_summary(report: dict[str, Any]) -> None:
                 extra.append(f"front-end CPU {r['frontend_cpu_pct_at_capacity']:.0f} %")
             if r.get("bench_cpu_pct_at_capacity") is not None:
                 extra.append(f"bench CPU {r['bench_cpu_pct_at_capacity']:.0f} %")
+            if r.get("others_cpu_pct_at_capacity") is not None:
+                extra.append(f"other tenants {r['others_cpu_pct_at_capacity']:.0f} %")
+            if r.get("steal_pct_at_capacity") is not None:
+                extra.append(f"steal {r['steal_pct_at_capacity']:.0f} %")
             limit = " (max_streams reached)" if cap.get("limited_by_max") else ""
             print(f"  {key:<18} {cap['capacity_streams']:>5} streams{limit}, p99 "
                   f"{_fmt(cap.get('p99_ms_at_capacity'))} ms, saturation {cap['saturation_fps']:.0f} frames/s"

@@ -67,7 +67,7 @@ import zmq
 
 from bench.daemon import BenchError, EngineDaemon, spawn_engine
 from bench.loadgen import FRAME_MS, LoadPlan, load_main
-from bench.procinfo import cmdline, cpu_seconds_or_none, raise_nofile_limit
+from bench.procinfo import cmdline, cpu_seconds_or_none, machine_cpu_seconds, raise_nofile_limit
 from bench.raw import raw_fps
 from transport import protocol as P
 
@@ -353,7 +353,8 @@ class _Probe:
 
     def snapshot(self) -> dict[str, Any]:
         stats = self.stats_client.stats() if self.stats_client is not None else None
-        snap: dict[str, Any] = {"wall": time.monotonic(), "stats": stats, "cpu": {}}
+        snap: dict[str, Any] = {"wall": time.monotonic(), "stats": stats, "cpu": {},
+                                "machine": machine_cpu_seconds()}
         roles = dict(self._engine_pids(stats))
         roles["bench"] = [os.getpid(), *self.fleet.pids()]
         roles["loadgen"] = self.fleet.pids()
@@ -405,6 +406,11 @@ def _cpu_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         out["engine_pct"] = out["frontend_pct"] + out["workers_pct"]
     if "server_pct" in out:
         out["engine_pct"] = out["server_pct"]
+    if after.get("machine") is not None and before.get("machine") is not None and wall > 0:
+        out["machine_pct"] = 100.0 * (after["machine"][0] - before["machine"][0]) / wall
+        out["steal_pct"] = 100.0 * (after["machine"][1] - before["machine"][1]) / wall
+        if "engine_pct" in out and "bench_pct" in out:  # other tenants, and kernel work no process is charged for
+            out["others_pct"] = max(0.0, out["machine_pct"] - out["engine_pct"] - out["bench_pct"])
     return out
 
 

@@ -99,6 +99,8 @@ COLUMNS = [  # header, width, getter
     ("fe%", 5, lambda p: _f(p.cpu.get("frontend_pct", p.cpu.get("server_pct")), ".0f")),
     ("wrk%", 5, lambda p: _f(p.cpu.get("workers_pct"), ".0f")),
     ("bench%", 6, lambda p: _f(p.cpu.get("bench_pct"), ".0f")),
+    ("other%", 6, lambda p: _f(p.cpu.get("others_pct"), ".0f")),
+    ("steal%", 6, lambda p: _f(p.cpu.get("steal_pct"), ".0f")),
     ("sched", 5, lambda p: _f(p.lateness_p99_ms)),
     ("stable", 6, lambda p: "yes" if p.stable else "no"),
     ("pass", 4, lambda p: "yes" if p.passed else "no"),
@@ -119,7 +121,8 @@ TABLE_LEGEND = """\
   point); batch: engine frames per model execution; queue: ms a frame waited in a worker's
   queue (avg); comp: ms per batch execution (avg); fe%/wrk%/bench%: CPU of the front-end
   (daemon process; per-frame server for the baseline) / the workers / the bench's own
-  processes, in % of one core (200 % = 2 cores); sched: p99 of the send-time error against the
+  processes, in % of one core (200 % = 2 cores); other%: the rest of the machine's busy CPU
+  (/proc/stat): other tenants, softirq; steal%: CPU the hypervisor gave to other guests; sched: p99 of the send-time error against the
   absolute schedule, ms (the load generator keeping time; large = the bench itself was short of CPU)."""
 
 
@@ -139,7 +142,8 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         for key in ("avg_batch", "queue_ms_per_frame", "compute_ms_per_batch", "compute_ms_per_frame",
                     "queue_share", "request_ms"):
             row[f"engine_{key}"] = (p.get("engine") or {}).get(key)
-        for key in ("frontend_pct", "workers_pct", "engine_pct", "server_pct", "bench_pct", "loadgen_pct"):
+        for key in ("frontend_pct", "workers_pct", "engine_pct", "server_pct", "bench_pct", "loadgen_pct",
+                    "machine_pct", "others_pct", "steal_pct"):
             row[f"cpu_{key}"] = (p.get("cpu") or {}).get(key)
         row["loadavg1"] = (p.get("loadavg") or [None])[0]
         row["fail_reasons"] = "; ".join(p.get("fail_reasons") or [])
