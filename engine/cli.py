@@ -21,7 +21,8 @@ Every worker loads and warms the model before the daemon binds; the log then sho
 
 SETTING_HELP = {
     "bind": "endpoint to listen on, repeatable: tcp://HOST:PORT or ipc:///path",
-    "workers": "worker processes, each with its own onnxruntime session (default: the CPU count)",
+    "workers": "worker processes, each with its own onnxruntime session; 'auto': the workers of "
+               "./ringserve.toml or $RINGSERVE_TUNED (written by `ringserve tune`), else the CPU count",
     "model": "ONNX model file (default: silero_vad.onnx from the silero-vad wheel)",
     "provider": "onnxruntime execution provider: auto (CUDA when present, else CPU), cpu, cuda, tensorrt",
     "intra_op_threads": "onnxruntime intra-op threads per worker",
@@ -66,28 +67,45 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, dest=name, action="append", metavar="ENDPOINT", default=argparse.SUPPRESS,
                            help=help_text)
         else:
-            convert = {"int": int, "float": float}.get(kind, str)
+            convert = _workers_arg if name == "workers" else {"int": int, "float": float}.get(kind, str)
             p.add_argument(flag, dest=name, type=convert, default=argparse.SUPPRESS,
                            metavar=name.upper(), help=help_text)
     p.set_defaults(func=cmd_serve)
 
 
+def _workers_arg(text: str) -> int | str:
+    """--workers N, or --workers auto (resolved in cmd_serve by engine.settings.auto_workers)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer or 'auto', got {text!r}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from engine.logs import setup_logging
-    from engine.settings import FIELDS, build_config, to_toml
+    from engine.settings import FIELDS, auto_workers, build_config, to_toml
 
     flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     if "bind" in flags:
         flags["bind"] = tuple(flags["bind"])
+    auto_note = None
     try:
+        if flags.get("workers") == "auto":
+            flags["workers"], auto_note = auto_workers()
         cfg, origin = build_config(flags, args.config)
     except ConfigError as exc:
         print(f"ringserve serve: {exc}", file=sys.stderr)
         return 2
+    if auto_note is not None:
+        origin["workers"] = f"--workers auto: {auto_note}"
     if args.print_config:
         print(to_toml(cfg, origin), end="")
         return 0
     setup_logging(cfg.log_level, cfg.log_format)
+    if auto_note is not None:
+        log.info("--workers auto: %d workers, from %s", cfg.workers, auto_note)
     from engine.daemon import Daemon
 
     try:
@@ -135,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     add_status_parser(sub)
     add_keys_parser(sub)
     add_bench_parser(sub)
+    __import__("bench.tune", fromlist=["add_tune_parser"]).add_tune_parser(sub)
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)

@@ -16,8 +16,10 @@ from typing import Any
 from engine.config import ConfigError, ServeConfig
 
 ENV_PREFIX = "RINGSERVE_"
-# RINGSERVE_* variables that are not serve settings: the corpus/test audio locations.
-NOT_SETTINGS = frozenset({"RINGSERVE_AUDIO_DIR", "RINGSERVE_SHARED_AUDIO"})
+# RINGSERVE_* variables that are not serve settings: the corpus/test audio locations, and
+# the tuned file `serve --workers auto` reads (see auto_workers).
+TUNED_ENV = ENV_PREFIX + "TUNED"
+NOT_SETTINGS = frozenset({"RINGSERVE_AUDIO_DIR", "RINGSERVE_SHARED_AUDIO", TUNED_ENV})
 _HINTS = typing.get_type_hints(ServeConfig)
 FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
 
@@ -91,6 +93,25 @@ def read_env(environ: Mapping[str, str]) -> dict[str, Any]:
                               f"{', '.join(ENV_PREFIX + n.upper() for n in FIELDS)}")
         values[name] = coerce(name, raw, f"environment variable {key}")
     return values
+
+
+def auto_workers(environ: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """`--workers auto`: the workers of the file `ringserve tune` wrote ($RINGSERVE_TUNED, else
+    ./ringserve.toml), else the CPU count; and a phrase saying which, for the log."""
+    environ = os.environ if environ is None else environ
+    path = environ.get(TUNED_ENV) or ("ringserve.toml" if os.path.isfile("ringserve.toml") else None)
+    cpus = os.cpu_count() or 1
+    if path is None:
+        return cpus, f"the CPU count ({cpus}): no ./ringserve.toml and no ${TUNED_ENV}"
+    source = f"${TUNED_ENV}={path}" if environ.get(TUNED_ENV) else f"./{path}"
+    try:
+        values = read_file(path)  # a missing or bad file is an error, never a silent fallback
+        ServeConfig(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"--workers auto reads {source}: {exc}") from None
+    if "workers" not in values:
+        return cpus, f"the CPU count ({cpus}): {source} sets no workers"
+    return int(values["workers"]), f"the tuned file {source}"
 
 
 def build_config(flags: Mapping[str, Any], config_path: str | None,
