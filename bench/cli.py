@@ -116,12 +116,17 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                       help="search the largest N that stays real-time (doubling, then bisection)")
     what.add_argument("--max-streams", type=int, help="capacity search: stop growing at this N (default 4096)")
     what.add_argument("--start-streams", type=int, help="capacity search: first N (default 16; quick 32)")
+    what.add_argument("--saturation", type=int, default=0, metavar="N",
+                      help="also measure closed-loop throughput (--pace max, --window chunks in flight) with N "
+                      "streams per server and shape: the saturation frames/s, insensitive to latency noise")
     what.add_argument("--no-profile", action="store_true",
                       help="after --find-capacity, skip the latency points at 10 %% and 80 %% of capacity")
     what.add_argument("--baseline", type=_choices(("raw", "per-frame")), action="append", default=[],
                       help="raw: in-process onnxruntime ceiling (measured before and after); per-frame: the "
                       "conventional one-thread-per-connection server, same load and search (comma-separated)")
     what.add_argument("--raw-seconds", type=float, default=5.0, help="raw baseline duration per run (default 5)")
+    what.add_argument("--raw-batch", type=_int_list, default=[64, 256], metavar="B1,B2",
+                      help="raw baseline batch sizes; the best frames/s of each run is the ceiling (default 64,256)")
     what.add_argument("--per-frame-threads", type=int, default=1,
                       help="per-frame baseline: onnxruntime intra-op threads of its one session (default 1)")
     what.add_argument("--per-frame-endpoint", metavar="tcp://HOST:PORT",
@@ -155,14 +160,15 @@ def _settings(args: argparse.Namespace) -> Any:
 def _check_args(args: argparse.Namespace) -> str | None:
     if args.chunk_ms < 32 or args.chunk_ms % 32:
         return "--chunk-ms must be a positive multiple of 32 (whole 512-sample frames)"
-    if not (args.streams or args.sweep or args.find_capacity or args.soak):
-        return "say what to measure: --streams N, --sweep N1,N2,..., --find-capacity or --soak DURATION"
+    if not (args.streams or args.sweep or args.find_capacity or args.soak or args.saturation):
+        return ("say what to measure: --streams N, --sweep N1,N2,..., --find-capacity, --saturation N "
+                "or --soak DURATION")
     if args.soak and args.sweep:
         return "--soak holds one load: give the capacity with --streams N or let --find-capacity find it"
     if args.workers is not None and args.workers < 1:
         return "--workers must be at least 1"
     if args.pace == "max" and args.find_capacity:
-        return "--find-capacity searches real-time capacity: use --pace realtime"
+        return "--find-capacity searches real-time capacity: use --pace realtime (and --saturation N for throughput)"
     return None
 
 
@@ -211,7 +217,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "version": 1, "argv": " ".join(shlex.quote(a) for a in sys.argv),
         "machine": machine_info(), "budget_ms": budget, "settings": asdict(settings),
-        "target": {}, "baselines": {}, "capacity": {}, "points": [], "profile": {}, "ratios": {}, "targets": {}}
+        "target": {}, "baselines": {}, "capacity": {}, "points": [], "profile": {}, "saturation": {}, "ratios": {},
+        "targets": {}}
     started = time.monotonic()
     from bench.procinfo import machine_cpu_seconds
 
@@ -254,10 +261,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 return
             from bench.raw import measure_raw
 
-            say(f"raw onnxruntime baseline ({when}): {workers} processes, batch 256, {args.raw_seconds:g} s")
-            raw = measure_raw(workers, 256, args.raw_seconds, warm_s=min(1.0, args.raw_seconds / 2))
-            raw_runs.append({"when": when, **asdict(raw), "loadavg1": os.getloadavg()[0]})
-            say(f"raw: {raw.frames_per_s:.0f} frames/s = {raw.frames_per_s / FRAMES_PER_S:.0f} streams")
+            for batch in args.raw_batch:
+                say(f"raw onnxruntime baseline ({when}): {workers} processes, batch {batch}, {args.raw_seconds:g} s")
+                raw = measure_raw(workers, batch, args.raw_seconds, warm_s=min(1.0, args.raw_seconds / 2))
+                raw_runs.append({"when": when, **asdict(raw), "loadavg1": os.getloadavg()[0]})
+                say(f"raw: {raw.frames_per_s:.0f} frames/s = {raw.frames_per_s / FRAMES_PER_S:.0f} streams")
 
         raw_baseline("before")
         common = {"settings": settings, "fleet": fleet, "progress": progress, "budget_ms": budget}
@@ -266,10 +274,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "per-frame" in baselines and not args.soak:
             _per_frame_baseline(report, args, common, say)
         raw_baseline("after")
-        if raw_runs:
-            fps = sum(r["frames_per_s"] for r in raw_runs) / len(raw_runs)
+        if raw_runs:  # per run (before, after) the best batch; the ceiling is their mean
+            best = {when: max((r for r in raw_runs if r["when"] == when), key=lambda r: r["frames_per_s"])
+                    for when in dict.fromkeys(r["when"] for r in raw_runs)}
+            fps = sum(r["frames_per_s"] for r in best.values()) / len(best)
             report["baselines"]["raw"] = {"frames_per_s": fps, "streams": fps / FRAMES_PER_S, "workers": workers,
-                                          "batch": 256, "runs": raw_runs}
+                                          "batch": sorted({r["batch"] for r in best.values()}),
+                                          "best": {k: v["frames_per_s"] for k, v in best.items()}, "runs": raw_runs}
         if args.soak:
             _run_soak(report, args, endpoint, shapes[0], common, curve, alive, say, local)
     report["loadavg_end"] = list(os.getloadavg())
@@ -337,6 +348,15 @@ def _measure_target(report: dict[str, Any], args: argparse.Namespace, endpoint: 
 
     curve2 = (curve[0], curve[1]) if curve else None
     key = f"{target}/{shape}"
+    if args.saturation and not args.soak:
+        say(f"{key}: saturation, closed loop, {args.saturation} streams x {args.window} chunks in flight")
+        p = measure_point(endpoint, args.saturation, target=target, shape=shape, pace="max", curve=curve2,
+                          alive=alive, **common)
+        report["points"].append({"phase": "saturation", "point": p.to_dict()})
+        report["saturation"][key] = {"streams": args.saturation, "window": args.window, "frames_per_s": p.achieved_fps,
+                                     "streams_equivalent": p.achieved_fps / 31.25, "p50_ms": p.p50_ms,
+                                     "p99_ms": p.p99_ms, "lost": p.lost, "stable": p.stable, "cpu": p.cpu,
+                                     "avg_batch": p.engine.get("avg_batch")}
     if args.find_capacity or (args.soak and not args.streams and target == "ringserve"):
         say(f"{key}: searching real-time capacity (p99 <= {args.budget_ms:g} ms, nothing lost, >= 98 % of needed)")
         cap = find_capacity(endpoint, shape=shape, budget_ms=args.budget_ms, quick=args.quick,
@@ -362,7 +382,7 @@ def _measure_target(report: dict[str, Any], args: argparse.Namespace, endpoint: 
                     "streams": n, "p50_ms": p.p50_ms, "p90_ms": p.p90_ms, "p99_ms": p.p99_ms, "max_ms": p.max_ms,
                     "lost": p.lost, "passed": p.passed, "stable": p.stable}
         return
-    if args.soak:
+    if args.soak or not (args.sweep or args.streams):
         return  # the soak itself measures with --streams
     for n in (args.sweep or [args.streams]):
         p = measure_point(endpoint, n, target=target, shape=shape, pace=args.pace, curve=curve2, alive=alive,
@@ -397,6 +417,13 @@ def _derive(report: dict[str, Any], baselines: set[str]) -> None:
     per_frame = report["capacity"].get("per-frame/device", {}).get("capacity_streams")
     if per_frame is not None:
         report["baselines"].setdefault("per-frame", {})["capacity_streams"] = per_frame
+    raw_fps = report["baselines"].get("raw", {}).get("frames_per_s")
+    per_frame_sat = report["saturation"].get("per-frame/device", {}).get("frames_per_s")
+    for key, sat in report["saturation"].items():
+        if raw_fps:
+            sat["share_of_raw"] = sat["frames_per_s"] / raw_fps
+        if per_frame_sat and key != "per-frame/device":
+            sat["x_per_frame"] = sat["frames_per_s"] / per_frame_sat
     goals = {"ringserve/gateway": 0.75, "ringserve/device": 0.40}
     for key, cap in report["capacity"].items():
         c = cap.get("capacity_streams", 0)
@@ -454,9 +481,9 @@ def _print_summary(report: dict[str, Any]) -> None:
         print(TABLE_LEGEND)
     raw = report["baselines"].get("raw")
     if raw:
-        runs = ", ".join(f"{r['when']} {r['frames_per_s']:.0f}" for r in raw["runs"])
-        print(f"\nraw onnxruntime ceiling: {raw['frames_per_s']:.0f} frames/s ({runs}) = {raw['streams']:.0f} streams "
-              f"({raw['workers']} processes, batch {raw['batch']})")
+        runs = ", ".join(f"{r['when']} B={r['batch']} {r['frames_per_s']:.0f}" for r in raw["runs"])
+        print(f"\nraw onnxruntime ceiling: {raw['frames_per_s']:.0f} frames/s = {raw['streams']:.0f} streams, mean of the "
+              f"best batch before and after ({raw['workers']} processes; {runs})")
     if report["capacity"]:
         print(f"\nreal-time capacity (p99 <= {report['budget_ms']:g} ms, nothing lost, >= 98 % of needed frames/s)")
         for key, cap in report["capacity"].items():
@@ -483,6 +510,17 @@ def _print_summary(report: dict[str, Any]) -> None:
             want = f"{100 * g['want']:.0f} % of raw" if name == "share_of_raw" else f"{g['want']:.0f}x per-frame"
             got = f"{100 * g['got']:.0f} %" if name == "share_of_raw" else f"{g['got']:.1f}x"
             print(f"  target {key} >= {want}: got {got} -> {'met' if g['met'] else 'MISSED'}")
+    if report["saturation"]:
+        print("\nsaturation throughput (closed loop: not real-time, what each server can push at most)")
+        for key, sat in report["saturation"].items():
+            extra = []
+            if "share_of_raw" in sat:
+                extra.append(f"{100 * sat['share_of_raw']:.0f} % of raw")
+            if "x_per_frame" in sat:
+                extra.append(f"{sat['x_per_frame']:.1f}x per-frame")
+            print(f"  {key:<18} {sat['frames_per_s']:>7.0f} frames/s = {sat['streams_equivalent']:.0f} streams' worth "
+                  f"({sat['streams']} streams x {sat['window']} in flight, batch {_fmt(sat.get('avg_batch'))}, "
+                  f"p99 {_fmt(sat['p99_ms'])} ms, lost {sat['lost']})" + (f"; {', '.join(extra)}" if extra else ""))
     for key, levels in report["profile"].items():
         for level, f in levels.items():
             print(f"  latency a pipeline feels, {key} at {level} of capacity (N={f['streams']}): "

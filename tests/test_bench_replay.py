@@ -187,7 +187,7 @@ def test_cli_json_and_csv_hold_every_reported_figure(engine: DaemonProcess, audi
 
     out_json, out_csv = tmp_path / "bench.json", tmp_path / "bench.csv"
     code = main(["bench", "--endpoint", engine.endpoint, "--audio", str(audio_dir), "--streams", "3",
-                 "--baseline", "raw,per-frame", "--raw-seconds", "0.3",
+                 "--baseline", "raw,per-frame", "--raw-seconds", "0.3", "--raw-batch", "64", "--saturation", "3",
                  "--quick", "--window-s", "0.5", "--warmup-s", "0.5", "--max-point-s", "1",
                  "--json", str(out_json), "--csv", str(out_csv), "--quiet"])
     assert code == 0
@@ -197,8 +197,14 @@ def test_cli_json_and_csv_hold_every_reported_figure(engine: DaemonProcess, audi
         assert report["machine"][key] is not None
     raw = report["baselines"]["raw"]
     assert raw["frames_per_s"] > 0 and raw["streams"] == pytest.approx(raw["frames_per_s"] / FRAMES_PER_S)
-    assert [r["when"] for r in raw["runs"]] == ["before", "after"]
-    points = [e["point"] for e in report["points"]]
+    assert [(r["when"], r["batch"]) for r in raw["runs"]] == [("before", 64), ("after", 64)]
+    saturation = report["saturation"]
+    assert set(saturation) == {"ringserve/device", "per-frame/device"}
+    for sat in saturation.values():
+        assert sat["frames_per_s"] > 0 and sat["lost"] == 0 and sat["share_of_raw"] > 0
+    assert saturation["ringserve/device"]["x_per_frame"] > 0
+    assert [e["phase"] for e in report["points"]] == ["saturation", "streams", "saturation", "streams"]
+    points = [e["point"] for e in report["points"] if e["phase"] == "streams"]
     assert [(p["target"], p["shape"]) for p in points] == [("ringserve", "device"), ("per-frame", "device")]
     for p in points:
         for key in ("sent", "answered", "lost", "shed", "timed_out", "p50_ms", "p90_ms", "p95_ms", "p99_ms",
@@ -217,8 +223,9 @@ def test_cli_json_and_csv_hold_every_reported_figure(engine: DaemonProcess, audi
     assert points[1]["cpu"]["server_pct"] >= 0
     with out_csv.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 2 and {r["target"] for r in rows} == {"ringserve", "per-frame"}
-    assert float(rows[0]["p99_ms"]) == pytest.approx(points[0]["p99_ms"])
+    assert len(rows) == 4 and {r["target"] for r in rows} == {"ringserve", "per-frame"}
+    assert [r["pace"] for r in rows] == ["max", "realtime", "max", "realtime"]
+    assert float(rows[1]["p99_ms"]) == pytest.approx(points[0]["p99_ms"])
 
 
 def test_plot_draws_budget_and_series(tmp_path: Path) -> None:
