@@ -67,7 +67,12 @@ import zmq
 
 from bench.daemon import BenchError, EngineDaemon, spawn_engine
 from bench.loadgen import FRAME_MS, LoadPlan, load_main
-from bench.procinfo import cmdline, cpu_seconds_or_none, machine_cpu_seconds, raise_nofile_limit
+from bench.procinfo import (
+    cmdline,
+    cpu_seconds_or_none,
+    machine_cpu_seconds,
+    raise_nofile_limit,
+)
 from bench.raw import raw_fps
 from transport import protocol as P
 
