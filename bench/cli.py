@@ -95,9 +95,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     load.add_argument("--load-procs", type=_load_procs, default=None, metavar="auto|K",
                       help="load-generator processes (default auto: ~250 device streams or ~1000 gateway "
                       "streams per process, at most one per CPU)")
-    load.add_argument("--load-nice", type=int, default=0, metavar="N",
-                      help="add N to the load processes' niceness; a negative N (needs privileges) keeps the "
-                      "bench on schedule when it shares a busy machine with the engine (default 0)")
+    load.add_argument("--nice", type=int, default=0, metavar="N",
+                      help="run every process the bench starts (spawned engine, baselines, load processes) at "
+                      "niceness N; a negative N (needs privileges) favours them over other tenants of a shared "
+                      "machine, all alike (default 0)")
     load.add_argument("--budget-ms", type=float, default=32.0, help="latency budget for p99 (default 32)")
     load.add_argument("--timeout-ms", type=float, default=2000.0,
                       help="a chunk without a reply for this long is lost (timed out; default 2000)")
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     curve = tuple(args.curve) if args.curve else None
     report: dict[str, Any] = {
         "version": 1, "argv": " ".join(shlex.quote(a) for a in sys.argv),
-        "machine": machine_info(), "budget_ms": budget, "settings": asdict(settings),
+        "machine": machine_info(), "budget_ms": budget, "settings": asdict(settings), "nice": args.nice,
         "target": {}, "baselines": {}, "capacity": {}, "points": [], "profile": {}, "saturation": {}, "ratios": {},
         "targets": {}}
     started = time.monotonic()
@@ -232,7 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             workers = workers or os.cpu_count() or 1
             serve_args = shlex.split(args.serve_args)
             say(f"starting ringserve serve --workers {workers} {' '.join(serve_args)}")
-            daemon = stack.enter_context(EngineDaemon(workers, serve_args))
+            daemon = stack.enter_context(EngineDaemon(workers, serve_args, nice=args.nice))
             endpoint = daemon.endpoint(args.transport)
             alive = daemon.check_alive
             report["target"] = {"endpoint": endpoint, "spawned": True, "workers": workers, "serve_args": serve_args}
@@ -248,7 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             workers = workers or len(stats.get("workers", [])) or 1
         say(f"engine at {endpoint}; {report['machine']['cpus']} CPUs, onnxruntime {report['machine']['onnxruntime']}, "
             f"load average {report['machine']['loadavg'][0]:.2f}")
-        fleet = stack.enter_context(LoadFleet(args.audio, nice=args.load_nice))
+        fleet = stack.enter_context(LoadFleet(args.audio, nice=args.nice))
         report["audio_dir"] = str(fleet.audio_dir)
         raw_runs: list[dict[str, Any]] = []
         local = args.spawn_engine or _is_local(endpoint)
@@ -263,7 +264,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             for batch in args.raw_batch:
                 say(f"raw onnxruntime baseline ({when}): {workers} processes, batch {batch}, {args.raw_seconds:g} s")
-                raw = measure_raw(workers, batch, args.raw_seconds, warm_s=min(1.0, args.raw_seconds / 2))
+                raw = measure_raw(workers, batch, args.raw_seconds, warm_s=min(1.0, args.raw_seconds / 2),
+                                  nice=args.nice)
                 raw_runs.append({"when": when, **asdict(raw), "loadavg1": os.getloadavg()[0]})
                 say(f"raw: {raw.frames_per_s:.0f} frames/s = {raw.frames_per_s / FRAMES_PER_S:.0f} streams")
 
@@ -307,7 +309,7 @@ def _per_frame_baseline(report: dict[str, Any], args: argparse.Namespace, common
     from bench.per_frame_server import spawn_per_frame_server
 
     say("per-frame baseline server: one thread per connection, one session.run per frame under a lock")
-    with spawn_per_frame_server(args.per_frame_threads) as server:
+    with spawn_per_frame_server(args.per_frame_threads, nice=args.nice) as server:
         report["baselines"]["per-frame"] = {"endpoint": server.endpoint, "pid": server.pid, "spawned": True,
                                             "intra_op_threads": args.per_frame_threads}
 

@@ -39,8 +39,9 @@ class EngineDaemon:
     """`ringserve serve --workers W` bound to a fresh ipc path and a free loopback TCP port;
     stop() always ends it (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, workers: int, extra_args: Sequence[str] | None = None) -> None:
+    def __init__(self, workers: int, extra_args: Sequence[str] | None = None, nice: int = 0) -> None:
         self.workers = workers
+        self.nice = nice  # niceness of the daemon (its workers inherit it)
         self.ipc = f"ipc:///tmp/ringserve-bench-{os.getpid()}-{id(self):x}.sock"
         self.tcp = f"tcp://127.0.0.1:{free_tcp_port()}"
         self.extra_args = tuple(no_shedding_args() if extra_args is None else extra_args)
@@ -71,6 +72,8 @@ class EngineDaemon:
         raise_nofile_limit()  # one connection per microphone: the daemon inherits the limit
         cmd = [sys.executable, "-m", "engine.cli", "serve", "--workers", str(self.workers),
                "--bind", self.ipc, "--bind", self.tcp, *self.extra_args]
+        if self.nice:
+            cmd = ["nice", "-n", str(self.nice), *cmd]  # nice execs the command: the pid stays the daemon's
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, cwd=REPO)
         self._reader = threading.Thread(target=self._read_log, name="daemon-log", daemon=True)
@@ -125,10 +128,11 @@ class EngineDaemon:
 
 
 @contextlib.contextmanager
-def spawn_engine(workers: int, extra_args: Sequence[str] = (), *, transport: str = "tcp") -> Iterator[str]:
+def spawn_engine(workers: int, extra_args: Sequence[str] = (), *, transport: str = "tcp",
+                 nice: int = 0) -> Iterator[str]:
     """Start `ringserve serve --workers W *extra_args` and yield its endpoint (loopback TCP by
     default, the path a remote device takes; ``transport="ipc"`` for the ipc one). The daemon
     is stopped when the block exits, however it exits. Unlike :class:`EngineDaemon` the
     engine keeps its own overload policy unless ``extra_args`` says otherwise."""
-    with EngineDaemon(workers, tuple(extra_args)) as daemon:
+    with EngineDaemon(workers, tuple(extra_args), nice=nice) as daemon:
         yield daemon.endpoint(transport)

@@ -638,7 +638,7 @@ def load_main(index: int, audio_dir: str, conn: Connection, nice: int = 0) -> No
         try:
             os.nice(nice)
         except OSError as exc:
-            conn.send(("failed", f"--load-nice {nice}: {exc} (a negative niceness needs privileges)"))
+            conn.send(("failed", f"nice {nice}: {exc} (a negative niceness needs privileges)"))
             return
     from bench.procinfo import raise_nofile_limit
 

@@ -177,14 +177,16 @@ class PerFrameServer:
 
 
 @contextlib.contextmanager
-def spawn_per_frame_server(intra_op_threads: int = 1, host: str = "127.0.0.1",
-                           timeout: float = 60.0) -> Iterator[PerFrameServer]:
+def spawn_per_frame_server(intra_op_threads: int = 1, host: str = "127.0.0.1", timeout: float = 60.0,
+                           nice: int = 0) -> Iterator[PerFrameServer]:
     from bench.daemon import BenchError
     from bench.procinfo import REPO, raise_nofile_limit
 
     raise_nofile_limit()
     cmd = [sys.executable, "-m", "bench.per_frame_server", "--bind", f"{host}:0",
            "--intra-op-threads", str(intra_op_threads)]
+    if nice:
+        cmd = ["nice", "-n", str(nice), *cmd]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, cwd=REPO)
     server = PerFrameServer(proc)

@@ -35,12 +35,15 @@ class RawResult:
     runq_wait_share: float  # per process: share of the wall time spent waiting for a CPU
 
 
-def _raw_main(model_path: str, batch: int, warm_s: float, seconds: float, start: Any, conn: Connection) -> None:
+def _raw_main(model_path: str, batch: int, warm_s: float, seconds: float, start: Any, conn: Connection,
+              nice: int = 0) -> None:
     import onnxruntime
 
     from engine.models.silero import CONTEXT_SAMPLES, FRAME_SAMPLES
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
+    if nice:
+        os.nice(nice)
     width = FRAME_SAMPLES[RATE] + CONTEXT_SAMPLES[RATE]
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
@@ -65,7 +68,7 @@ def _raw_main(model_path: str, batch: int, warm_s: float, seconds: float, start:
                "wait_s": runq_wait_seconds(os.getpid()) - wait0})
 
 
-def measure_raw(workers: int, batch: int, seconds: float, warm_s: float = 1.0) -> RawResult:
+def measure_raw(workers: int, batch: int, seconds: float, warm_s: float = 1.0, nice: int = 0) -> RawResult:
     """W processes started together, measured over the same ``seconds`` after ``warm_s``."""
     from engine.models.silero import default_model_path
 
@@ -75,7 +78,8 @@ def measure_raw(workers: int, batch: int, seconds: float, warm_s: float = 1.0) -
     try:
         for _ in range(workers):
             parent, child = _CTX.Pipe(duplex=False)
-            proc = _CTX.Process(target=_raw_main, args=(model_path, batch, warm_s, seconds, start, child), daemon=True)
+            proc = _CTX.Process(target=_raw_main, args=(model_path, batch, warm_s, seconds, start, child, nice),
+                                daemon=True)
             proc.start()
             child.close()
             procs.append(proc)

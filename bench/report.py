@@ -229,11 +229,17 @@ def write_plot(report: dict[str, Any], path: str) -> None:
 
     grid = np.geomspace(1, 2 * n_max, 200)
     ax_fps.plot(grid, 31.25 * grid, color="#555555", ls="--", lw=1, label="needed: 31.25 frames/s per stream")
+    for key_text, sat in report.get("saturation", {}).items():
+        target, _, shape = key_text.partition("/")
+        color, label = SERIES_STYLE.get((target, shape), ("#7f7f7f", key_text))
+        ax_fps.axhline(sat["frames_per_s"], color=color, ls=":", lw=1.5,
+                       label=f"{label}: saturation, closed loop ({sat['frames_per_s']:.0f}/s)")
     raw = report.get("baselines", {}).get("raw", {}).get("frames_per_s")
     if raw:
         ax_fps.axhline(raw, color="#9467bd", ls="-.", lw=1.5, label=f"raw onnxruntime ceiling: {raw:.0f} frames/s")
     ax_fps.set_xscale("log", base=2)
-    top = max([raw or 0.0] + [p["achieved_fps"] for pts in series.values() for p in pts] + [1.0])
+    top = max([raw or 0.0] + [p["achieved_fps"] for pts in series.values() for p in pts]
+              + [sat["frames_per_s"] for sat in report.get("saturation", {}).values()] + [1.0])
     ax_fps.set_ylim(0, 1.1 * top)
     ax_fps.set_xticks(xs)
     ax_fps.set_xticklabels([str(x) for x in xs])
