@@ -1,0 +1,348 @@
+"""Overload: driven at twice its capacity, the engine sheds late frames instead of falling
+behind, stays responsive, answers every frame, counts what it shed, and recovers by itself.
+
+The daemon runs one worker with ``--shed-after-ms 200``. A load process (a bare DEALER and
+the wire encoders) first measures capacity closed-loop, then drives paced streams: each
+sends one 512-sample int16 frame per message every 32 ms, with a random phase. Phases:
+0.4x capacity (baseline), 2x (overload), then 0.35x of the capacity the overload itself
+showed (recovery; the load process's own CPU lowers capacity on a small machine, and other
+jobs on a shared one make it wander: the margin keeps the recovery check about the engine).
+
+``--max-batch 1`` makes inference the bottleneck. With the default batch of 512, on a small
+machine the single-threaded front-end saturates before the worker does; messages then wait
+in ZeroMQ's queue before the front-end stamps them, which the shed policy (measured from that
+stamp) does not see - see docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from clients.client import Client
+from tests.conftest import REPO, spawn_daemon
+from transport import protocol as P
+from transport.protocol import DType, MsgType
+
+SHED_AFTER_MS = 200
+PERIOD_S = 512 / 16000  # one frame of real-time audio per stream
+BASELINE_S, OVERLOAD_S, RECOVERY_S = 2.0, 10.0, 6.0
+SETTLE_S = 3.0  # shedding must have stopped (for CLEAN_S at least) within this long after the load drops
+CLEAN_S = 2.0
+RECOVERY_SHARE = 0.35  # of the capacity the overload showed: headroom for other jobs on a shared machine
+BUCKET_S = 0.5
+PING_LIMIT_S = 1.0
+RSS_GROWTH_LIMIT_MIB = 50
+
+
+# ---- the load process -----------------------------------------------------------------------
+
+def _socket(endpoint: str) -> zmq.Socket[bytes]:
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+def _open(sock: zmq.Socket[bytes], first_id: int, count: int, params: dict[str, Any]) -> None:
+    for i in range(count):
+        sock.send(P.encode_open(first_id + i, first_id + i, params))
+    for _ in range(count):
+        assert sock.poll(30_000), "no OPENED"
+        assert P.parse_header(sock.recv())[0] == MsgType.OPENED
+
+
+def _items(msg: bytes) -> list[tuple[int, int, int, np.ndarray]]:
+    """(stream_id, chunk_seq, flags, probabilities) per RESULTS item, flags included."""
+    out, offset = [], P.HEADER.size
+    while offset < len(msg):
+        stream_id, chunk_seq, _, n_frames, n_events, flags = P.RESULT_ITEM.unpack_from(msg, offset)
+        offset += P.RESULT_ITEM.size
+        out.append((stream_id, chunk_seq, flags, np.frombuffer(msg, "<f4", n_frames, offset)))
+        offset += 4 * n_frames + P.EVENT_ITEM.size * n_events
+    return out
+
+
+def measure_capacity(endpoint: str, seconds: int = 3, streams: int = 32, window: int = 2) -> dict[str, Any]:
+    """Closed loop, nothing shed (these streams open with shed_after_ms=0): frames/s answered,
+    the best of ``seconds`` one-second windows (other jobs on a shared machine only lower it)."""
+    sock = _socket(endpoint)
+    _open(sock, 1, streams, {"shed_after_ms": 0})
+    pcm = (np.random.default_rng(1).standard_normal(512) * 2000).astype("<i2").tobytes()
+    seq = 0
+
+    def send(stream_id: int) -> None:
+        nonlocal seq
+        seq += 1
+        sock.send(P.encode_audio(seq, [(stream_id, seq, DType.INT16, pcm)]))
+
+    for stream_id in range(1, streams + 1):
+        for _ in range(window):
+            send(stream_id)
+    per_second = [0] * seconds
+    warm_until = time.monotonic() + 0.5
+    end = warm_until + seconds
+    while (now := time.monotonic()) < end:
+        if not sock.poll(100):
+            continue
+        msg = sock.recv()
+        assert P.parse_header(msg)[0] == MsgType.RESULTS, P.decode_error(msg)
+        for stream_id, _, _, probs in _items(msg):
+            if now >= warm_until:
+                per_second[min(seconds - 1, int(now - warm_until))] += len(probs)
+            send(stream_id)
+    outstanding = streams * window  # let them finish, then close
+    deadline = time.monotonic() + 30
+    while outstanding and time.monotonic() < deadline and sock.poll(1000):
+        outstanding -= len(_items(sock.recv()))
+    for stream_id in range(1, streams + 1):
+        sock.send(P.encode_stream_op(MsgType.CLOSE, 0, stream_id))
+    sock.close(0)
+    return {"fps": max(per_second), "per_second": per_second}
+
+
+def paced_load(endpoint: str, baseline: int, high: int, first_id: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Paced streams: ``baseline`` streams for BASELINE_S, ``high`` for OVERLOAD_S, then
+    RECOVERY_SHARE of what the engine answered per second during the overload (its capacity under this load, which
+    this process's own CPU use lowers) for RECOVERY_S. A stream not active in a phase pauses and
+    keeps its phase. Returns per-bucket counts and latencies, by the frame's send time."""
+    phases = [(BASELINE_S, baseline), (OVERLOAD_S, high), (RECOVERY_S, -1)]
+    n_streams = max(baseline, high)
+    sock = _socket(endpoint)
+    _open(sock, first_id, n_streams, {})
+    rng = np.random.default_rng(seed)
+    speech = (rng.standard_normal(512 * 64) * 3000).astype("<i2")
+    frames = [speech[k * 512:(k + 1) * 512].tobytes() for k in range(64)]
+    starts = np.cumsum([0.0] + [seconds for seconds, _ in phases])
+    total = float(starts[-1])
+    t0 = time.monotonic() + 0.1
+    due = t0 + rng.uniform(0, PERIOD_S, n_streams)
+    seqs = [0] * n_streams
+    sent_at: dict[tuple[int, int], float] = {}
+    n_buckets = math.ceil(total / BUCKET_S)
+    buckets: list[dict[str, Any]] = [{"sent": 0, "answered": 0, "shed": 0, "latency": []} for _ in range(n_buckets)]
+    anomalies: list[str] = []
+    errors: dict[str, int] = {}
+    measure_from = t0 + BASELINE_S + OVERLOAD_S / 2  # answered/s over the overload's second half
+    measured = 0
+    capacity_fps = 0.0
+
+    def bucket(at: float) -> dict[str, Any]:
+        return buckets[min(n_buckets - 1, max(0, int((at - t0) / BUCKET_S)))]
+
+    def drain() -> None:
+        nonlocal measured
+        while True:
+            try:
+                msg = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            now = time.monotonic()
+            msg_type = P.parse_header(msg)[0]
+            if msg_type == MsgType.ERROR:
+                error = P.decode_error(msg)
+                errors[error.code.name] = errors.get(error.code.name, 0) + 1
+                sent_at.pop((error.stream_id, error.chunk_seq), None)
+                continue
+            assert msg_type == MsgType.RESULTS, hex(msg_type)
+            for stream_id, chunk_seq, flags, probs in _items(msg):
+                sent = sent_at.pop((stream_id, chunk_seq))
+                target = bucket(sent)
+                shed = bool(np.isnan(probs).any())
+                if len(probs) != 1 or shed != bool(flags & P.ResultFlag.SHED):
+                    anomalies.append(f"stream {stream_id} chunk {chunk_seq}: {probs} flags {flags}")
+                if shed:
+                    target["shed"] += 1
+                else:
+                    target["answered"] += 1
+                    target["latency"].append(now - sent)
+                    measured += now >= measure_from
+
+    while (now := time.monotonic()) < t0 + total:
+        phase = min(int(np.searchsorted(starts, now - t0, side="right")) - 1, len(phases) - 1)
+        active = phases[max(phase, 0)][1]
+        if active < 0:  # entering recovery: a share of the capacity the overload showed
+            capacity_fps = measured / (now - measure_from)
+            phases[-1] = (RECOVERY_S, max(1, min(high, round(RECOVERY_SHARE * capacity_fps * PERIOD_S))))
+            active = phases[-1][1]
+        for i in np.nonzero(due[:active] <= now)[0]:
+            seqs[i] += 1
+            stream_id = first_id + int(i)
+            sock.send(P.encode_audio(seqs[i], [(stream_id, seqs[i], DType.INT16, frames[seqs[i] % 64])]))
+            sent_at[(stream_id, seqs[i])] = now
+            bucket(now)["sent"] += 1
+            due[i] += PERIOD_S
+            if due[i] < now:  # this process fell behind: skip ahead, keep the phase
+                due[i] += PERIOD_S * math.ceil((now - due[i]) / PERIOD_S)
+        paused = due[active:] < now  # paused streams keep their phase for when they resume
+        due[active:][paused] += PERIOD_S * np.ceil((now - due[active:][paused]) / PERIOD_S)
+        drain()
+        wait = float(due[:active].min()) - time.monotonic() if active else 0.005
+        if wait > 0:
+            sock.poll(max(1, int(wait * 1000)))
+    deadline = time.monotonic() + 30
+    while sent_at and time.monotonic() < deadline:
+        if sock.poll(100):
+            drain()
+    sock.close(0)
+    summary = []
+    for b in buckets:
+        lat = np.array(b["latency"])
+        summary.append({"sent": b["sent"], "answered": b["answered"], "shed": b["shed"],
+                        "latency": [round(float(x), 5) for x in lat]})
+    return {"buckets": summary, "unanswered": len(sent_at), "errors": errors, "anomalies": anomalies[:20],
+            "n_anomalies": len(anomalies), "capacity_under_load_fps": capacity_fps, "recovery_streams": phases[-1][1]}
+
+
+def run_in_process(task: str, kwargs: dict[str, Any], out: Path, timeout: float) -> dict[str, Any]:
+    """Run measure_capacity / paced_load in a separate process (its own core and GIL)."""
+    subprocess.run([sys.executable, "-m", "tests.test_overload", task, json.dumps(kwargs), str(out)],
+                   cwd=REPO, check=True, timeout=timeout)
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+# ---- the test -----------------------------------------------------------------------------
+
+def vm_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def window(buckets: list[dict[str, Any]], start_s: float, end_s: float) -> dict[str, Any]:
+    """Totals and answered-frame latency of the frames sent in [start_s, end_s)."""
+    chosen = buckets[int(start_s / BUCKET_S):int(end_s / BUCKET_S)]
+    sent = sum(b["sent"] for b in chosen)
+    shed = sum(b["shed"] for b in chosen)
+    latency = np.array([x for b in chosen for x in b["latency"]])
+    stats = {f"p{q}": float(np.percentile(latency, q)) if len(latency) else None for q in (50, 99)}
+    return {"sent": sent, "shed": shed, "shed_share": shed / sent if sent else 0.0, **stats,
+            "max": float(latency.max()) if len(latency) else None}
+
+
+def recovery(buckets: list[dict[str, Any]]) -> tuple[float | None, dict[str, Any]]:
+    """Seconds from the load drop to the first CLEAN_S stretch without a shed frame, and that
+    stretch's numbers. A later blip (another job stalling this shared machine) is not a relapse
+    of the engine; it is reported, not judged."""
+    drop = BASELINE_S + OVERLOAD_S
+    step = 0.0
+    while drop + step + CLEAN_S <= drop + RECOVERY_S + 1e-9:
+        stretch = window(buckets, drop + step, drop + step + CLEAN_S)
+        if stretch["shed"] == 0 and stretch["sent"]:
+            return step, stretch
+        step += BUCKET_S
+    return None, window(buckets, drop + SETTLE_S, drop + RECOVERY_S)
+
+
+def test_overload_sheds_stays_responsive_and_recovers(tmp_path: Path) -> None:
+    daemon = spawn_daemon("--workers", "1", "--shed-after-ms", str(SHED_AFTER_MS), "--max-batch", "1",
+                          "--max-streams", "1024", "--max-streams-per-connection", "1024")
+    try:
+        capacity = run_in_process("measure_capacity", {"endpoint": daemon.endpoint}, tmp_path / "capacity.json", 60)
+        capacity_streams = capacity["fps"] / (1 / PERIOD_S)
+        high = max(2, round(2 * capacity_streams))
+        baseline = max(1, round(0.4 * capacity_streams))
+
+        rss_before = vm_rss_mib(daemon.pid)
+        rss_peak = rss_before
+        pings: list[float] = []
+        done = threading.Event()
+        load_result: dict[str, Any] = {}
+
+        def load() -> None:
+            try:
+                load_result.update(run_in_process("paced_load", {"endpoint": daemon.endpoint, "baseline": baseline,
+                                                                  "high": high}, tmp_path / "load.json", 120))
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=load)
+        with Client(daemon.endpoint, timeout=10) as admin:
+            stats_before = admin.stats()
+            thread.start()
+            while not done.is_set():
+                pings.append(admin.ping(timeout=10))
+                rss_peak = max(rss_peak, vm_rss_mib(daemon.pid))
+                time.sleep(0.2)
+            thread.join()
+            stats = admin.stats()
+
+        buckets = load_result["buckets"]
+        before = window(buckets, 0.5, BASELINE_S)
+        overload = window(buckets, BASELINE_S + 1.0, BASELINE_S + OVERLOAD_S)
+        recovered_after, recovered = recovery(buckets)
+        rest = window(buckets, BASELINE_S + OVERLOAD_S + SETTLE_S, BASELINE_S + OVERLOAD_S + RECOVERY_S)
+        sent = sum(b["sent"] for b in buckets)
+        shed = sum(b["shed"] for b in buckets)
+        answered = sum(b["answered"] for b in buckets)
+        counters = stats["counters"]
+        executed = sum(w["frames"] for w in stats["workers"]) - sum(w["frames"] for w in stats_before["workers"])
+        frames_out = counters["frames_out"] - stats_before["counters"].get("frames_out", 0)
+        shed_counted = counters.get("frames_shed", 0) - stats_before["counters"].get("frames_shed", 0)
+
+        def ms(value: float | None) -> str:
+            return "-" if value is None else f"{1000 * value:.0f} ms"
+
+        under_load = load_result["capacity_under_load_fps"] * PERIOD_S
+        print(f"capacity {capacity['fps']:.0f} frames/s closed-loop (per second: {capacity['per_second']}) = "
+              f"{capacity_streams:.1f} real-time streams ({under_load:.1f} answered during the overload); "
+              f"offered {baseline} -> {high} -> "
+              f"{load_result['recovery_streams']} streams ({high / capacity_streams:.2f}x closed-loop capacity, "
+              f"{high / max(under_load, 1e-9):.2f}x the capacity under load)")
+        print(f"  shedding stopped {recovered_after} s after the load dropped; last "
+              f"{RECOVERY_S - SETTLE_S:.0f} s: shed {rest['shed']} of {rest['sent']}, max {ms(rest['max'])}")
+        for name, w in (("before", before), ("overload", overload), ("recovered", recovered)):
+            print(f"  {name:9s}: {w['sent']} frames sent, shed {100 * w['shed_share']:.1f}%, "
+                  f"answered latency p50 {ms(w['p50'])}, p99 {ms(w['p99'])}, max {ms(w['max'])}")
+        print(f"  total: {sent} sent = {answered} answered + {shed} shed; engine frames_shed {shed_counted}, "
+              f"worker ran {executed} of {frames_out}; ping max {ms(max(pings))} over {len(pings)} pings; "
+              f"front-end RSS {rss_before:.1f} -> peak {rss_peak:.1f} MiB")
+
+        assert daemon.proc.poll() is None, daemon.log()
+        assert load_result["n_anomalies"] == 0, load_result["anomalies"]  # NaN <=> SHED flag, one frame each
+        assert load_result["errors"] == {} and load_result["unanswered"] == 0
+        assert answered + shed == sent
+        assert max(pings) < PING_LIMIT_S
+        # Overload: shedding, the median answered frame within the budget and the tail bounded
+        # (slack for a shared machine's stalls). Without shedding, latency would grow by ~0.5 s
+        # per second of a 2x overload.
+        assert overload["shed_share"] >= 0.1, overload
+        assert overload["p50"] is not None and overload["p50"] < SHED_AFTER_MS / 1000, overload
+        assert overload["p99"] is not None and overload["p99"] < 5 * SHED_AFTER_MS / 1000, overload
+        # Every shed frame is reported to its client and counted, and the worker skipped it.
+        assert shed_counted == shed
+        assert frames_out - executed == shed
+        if "shed_frames" in stats["workers"][0]:
+            assert sum(w["shed_frames"] for w in stats["workers"]) == shed
+        # Recovery, by itself: within SETTLE_S no more shedding, and no queue: the median answered
+        # frame is back far under the budget (it sat at about half of it during the overload). The
+        # tail gets slack for scheduling stalls of a shared machine.
+        assert recovered_after is not None and recovered_after <= SETTLE_S, (recovered_after, recovered)
+        assert recovered["p50"] is not None and recovered["p50"] < SHED_AFTER_MS / 1000 / 4, recovered
+        assert recovered["p99"] is not None and recovered["p99"] < 1.5 * SHED_AFTER_MS / 1000, recovered
+        assert rss_peak - rss_before < RSS_GROWTH_LIMIT_MIB
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+if __name__ == "__main__":
+    task, kwargs, out_path = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    tasks: dict[str, Callable[..., dict[str, Any]]] = {"measure_capacity": measure_capacity, "paced_load": paced_load}
+    Path(out_path).write_text(json.dumps(tasks[task](**kwargs)))
+    os._exit(0)
