@@ -352,8 +352,10 @@ def _measure_target(report: dict[str, Any], args: argparse.Namespace, endpoint: 
     key = f"{target}/{shape}"
     if args.saturation and not args.soak:
         say(f"{key}: saturation, closed loop, {args.saturation} streams x {args.window} chunks in flight")
+        closed = {**common, "settings": replace(common["settings"], timeout_ms=max(common["settings"].timeout_ms,
+                                                                                    10_000.0))}
         p = measure_point(endpoint, args.saturation, target=target, shape=shape, pace="max", curve=curve2,
-                          alive=alive, **common)
+                          alive=alive, **closed)
         report["points"].append({"phase": "saturation", "point": p.to_dict()})
         report["saturation"][key] = {"streams": args.saturation, "window": args.window, "frames_per_s": p.achieved_fps,
                                      "streams_equivalent": p.achieved_fps / 31.25, "p50_ms": p.p50_ms,

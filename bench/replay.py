@@ -620,19 +620,21 @@ def _hold(result: PointResult, run: _PointRun, procs: list[_LoadProc], probe: _P
                 result.stop_reason = "duration"
                 break
             continue
+        # A real-time point that has clearly failed stops early; a closed loop (max pace) is
+        # meant to be over budget, and is held until its throughput is stable.
         lost = summary["shed"] + sum(summary["refused"].values()) + summary["timed_out"]
-        if lost:
+        if lost and result.pace == "realtime":
             result.stop_reason = "lost"
             break
         bad = (summary["p99_ms"] > 2 * budget_ms or not math.isfinite(summary["p99_ms"])
                or summary["achieved_fps"] < 0.9 * result.needed_fps)
         overloaded_run = overloaded_run + 1 if bad else 0
-        if overloaded_run >= 2 or (bad and len(measured) >= max_windows):
+        if result.pace == "realtime" and (overloaded_run >= 2 or (bad and len(measured) >= max_windows)):
             result.stop_reason = "overloaded"
             break
         last = measured[-s.stable_windows:]
         if len(last) >= s.stable_windows and _agree([w["achieved_fps"] for w in last], s.stability, 0.0) \
-                and _agree([w["p99_ms"] for w in last], s.stability, abs_tol):
+                and (result.pace == "max" or _agree([w["p99_ms"] for w in last], s.stability, abs_tol)):
             result.stable = True
             result.stop_reason = "stable"
             break
