@@ -176,7 +176,7 @@ def make_plan(cores: int, quick: bool, max_evals: int | None = None, minutes: fl
     budget_s = None if minutes is None else 60.0 * minutes
     if quick:
         return Plan(quick=True, max_evals=max_evals or workers_points + 2, climb_knobs=("max_batch", "spin_us"),
-                    final_rounds=1, time_budget_s=budget_s or 170.0, final_worst=False)
+                    final_rounds=1, time_budget_s=budget_s or 160.0, final_worst=False)
     return Plan(quick=False, max_evals=max_evals or workers_points + 10,
                 climb_knobs=("max_batch", "batch_delay_us", "spin_us", "intra_op_threads", "workers"),
                 final_rounds=2, time_budget_s=budget_s)
@@ -386,9 +386,12 @@ class Tuner:
         if ranked and result.final_score(ranked[0])[0] >= 0:
             result.recommended = ranked[0]
         best, default, spread = result.final_score(ranked[0])[0], result.final_score(self.default)[0], result.spread()
-        if result.recommended != self.default and default > 0 and spread is not None and best / default - 1 <= spread:
-            result.note = (f"the final's best, {ranked[0].label()}, beat the default by {_pct(best, default)}, "
-                           f"within this run's run-to-run spread ({spread:.0%}): keeping the default")
+        # Both as a share of the larger number: (best - default) / best against the spread.
+        if (result.recommended != self.default and best > 0 and spread is not None
+                and (best - default) / best <= spread):
+            result.note = (f"the final's best, {ranked[0].label()}, beat the default by {_pct(best, default)} "
+                           f"({(best - default) / best:.0%} of its capacity), within this run's run-to-run spread "
+                           f"({spread:.0%}): keeping the default")
             result.recommended = self.default
         result.stopped_by = self.stopped_by
         return result
@@ -793,15 +796,18 @@ def format_report(result: TuneResult, *, budget_ms: float, shape: str, loadavg: 
         lines.append(f"  {result.note}")
     if best > 0:
         parts = [] if result.recommended == result.default else [f"the default's {default:.1f} ({_pct(best, default)})"]
-        if result.worst != result.recommended:
+        if result.worst != result.recommended and result.worst in result.final:
             parts.append(f"the worst explored's ({result.worst.label()}) {worst:.1f} ({_pct(best, worst)})")
+        elif result.worst != result.recommended:
+            parts.append(f"the worst explored's ({result.worst.label()}) "
+                         f"{result.explored[result.worst].capacity_streams} (exploration only, not re-measured)")
         lines.append(f"  capacity {best:.1f} streams" + (" vs " + " and ".join(parts) if parts else "")
                      + ", measured in the same run")
     if spread is not None:
         verdict = ""
-        if result.recommended != result.default and default > 0:
-            verdict = "; the margin over the default is " + ("larger than that" if best / default - 1 > spread
-                                                              else "within it")
+        if result.recommended != result.default and best > 0:
+            verdict = f"; the margin over the default is {(best - default) / best:.0%} of the capacity: " + (
+                "larger than that" if (best - default) / best > spread else "within it")
         lines.append(f"  run-to-run spread: a configuration measured twice in this run differed by {spread:.0%} "
                      f"of its capacity (median){verdict}")
     rec = result.final.get(result.recommended, []) + [result.explored[k] for k in (result.recommended,)
@@ -1088,7 +1094,7 @@ def add_tune_parser(sub: argparse._SubParsersAction) -> None:
                    help="exploration evaluations before the final re-measure (default: quick 5, full 13 on 2 cores)")
     p.add_argument("--minutes", type=float, metavar="M",
                    help="time budget: stop exploring early enough that the final re-measure fits "
-                        "(default: quick 2.75, full none)")
+                        "(default: quick 2.67, full none)")
     p.add_argument("--audio-dir", metavar="DIR", help="audio the replay bench streams (default: its own)")
     p.set_defaults(func=cmd_tune)
 

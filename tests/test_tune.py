@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -240,6 +241,18 @@ def test_run_tune_writes_report_file_json_and_plot(tmp_path: Path, capsys: pytes
     raw = zlib.decompress(png[idat + 4:idat + 4 + struct.unpack(">I", png[idat - 4:idat])[0]])
     assert len(raw) == height * (1 + 3 * width)
     assert len(set(raw)) > 3  # something was drawn
+
+
+def test_progress_live_line_on_a_tty_and_one_line_per_result() -> None:
+    out = io.StringIO()
+    with T.Progress(out, live=True) as progress:
+        progress.begin(DEFAULT, "workers")
+        progress.detail("32 streams")
+        time.sleep(1.6)  # the live line is redrawn every second
+        progress.done(T.Measurement(DEFAULT, "workers", 40, 1250.0, p99_ms=12.0, seconds=1.3), 1)
+    text = out.getvalue()
+    assert re.search(r"\r\033\[K  \.\.\. workers workers=2 \(default\): \d+ s, 32 streams", text), text
+    assert " 1 workers workers=2 (default)" in text and "capacity    40 streams" in text
 
 
 def test_diagnose_names_the_limit() -> None:
