@@ -80,6 +80,7 @@ def spawn_daemon(*args: str, endpoint: str | None = None, wait_ready: bool = Tru
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             env={**os.environ, **(env or {})})
     daemon = DaemonProcess(proc, endpoint)
+    _SPAWNED.append(daemon)
 
     def pump() -> None:
         assert proc.stdout is not None
@@ -95,6 +96,18 @@ def spawn_daemon(*args: str, endpoint: str | None = None, wait_ready: bool = Tru
             daemon.stop(signal.SIGKILL)
             raise
     return daemon
+
+
+_SPAWNED: list[DaemonProcess] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_daemon_outlives_the_session() -> Iterator[None]:
+    """A test that fails before stopping its daemon must not leave it running (and busy) after."""
+    yield
+    for daemon in _SPAWNED:
+        if daemon.proc.poll() is None:
+            daemon.stop(signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")
