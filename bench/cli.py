@@ -137,6 +137,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                       "for DURATION (e.g. 30m) and watch engine RSS")
     what.add_argument("--soak-load", type=float, default=0.8, help="soak: share of the capacity held (default 0.8)")
     what.add_argument("--soak-window-s", type=float, default=10.0, help="soak: RSS sample period (default 10)")
+    noise = p.add_argument_group("a shared, noisy machine")
+    noise.add_argument("--quiet-gate", type=float, default=0.0, metavar="PCT",
+                       help="measure only while other tenants' CPU + hypervisor steal is at most PCT %% of one core "
+                       "(waiting before each point and raw run), and measure a failed point again (twice at most) "
+                       "when they took more during it; 0: off (default)")
+    noise.add_argument("--quiet-wait-s", type=float, default=300.0,
+                       help="longest wait for a quiet machine before measuring anyway (default 300)")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     out.add_argument("--csv", metavar="FILE", help="write one row per point")
@@ -252,6 +259,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fleet = stack.enter_context(LoadFleet(args.audio, nice=args.nice))
         report["audio_dir"] = str(fleet.audio_dir)
         raw_runs: list[dict[str, Any]] = []
+        from bench.replay import QuietGate, wait_for_quiet
+
+        gate = QuietGate(args.quiet_gate, wait_s=args.quiet_wait_s) if args.quiet_gate > 0 else None
+        report["quiet_gate"] = asdict(gate) if gate is not None else None
         local = args.spawn_engine or _is_local(endpoint)
 
         def raw_baseline(when: str) -> None:
@@ -263,14 +274,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             from bench.raw import measure_raw
 
             for batch in args.raw_batch:
+                noise = wait_for_quiet(gate, say) if gate is not None else None
                 say(f"raw onnxruntime baseline ({when}): {workers} processes, batch {batch}, {args.raw_seconds:g} s")
                 raw = measure_raw(workers, batch, args.raw_seconds, warm_s=min(1.0, args.raw_seconds / 2),
                                   nice=args.nice)
-                raw_runs.append({"when": when, **asdict(raw), "loadavg1": os.getloadavg()[0]})
+                raw_runs.append({"when": when, **asdict(raw), "loadavg1": os.getloadavg()[0],
+                                 "noise_before_pct": noise})
                 say(f"raw: {raw.frames_per_s:.0f} frames/s = {raw.frames_per_s / FRAMES_PER_S:.0f} streams")
 
         raw_baseline("before")
-        common = {"settings": settings, "fleet": fleet, "progress": progress, "budget_ms": budget}
+        common = {"settings": settings, "fleet": fleet, "progress": progress, "budget_ms": budget, "quiet": gate}
         for shape in shapes:
             _measure_target(report, args, endpoint, "ringserve", shape, common, curve, alive, say)
         if "per-frame" in baselines and not args.soak:
@@ -346,17 +359,24 @@ def _is_local(endpoint: str) -> bool:
 def _measure_target(report: dict[str, Any], args: argparse.Namespace, endpoint: str, target: str, shape: str,
                     common: dict[str, Any], curve: tuple[str, ...] | None, alive: Callable[[], None] | None,
                     say: Callable[[str], None]) -> None:
-    from bench.replay import find_capacity, measure_point
+    from bench.replay import PointResult, find_capacity, measure_gated, measure_point
 
     curve2 = (curve[0], curve[1]) if curve else None
     key = f"{target}/{shape}"
+    gate = common.get("quiet")
+    common = {k: v for k, v in common.items() if k != "quiet"}
+
+    def gated(phase: str, measure: Callable[[], PointResult]) -> PointResult:
+        results = measure_gated(gate, measure, say)
+        report["points"] += [{"phase": phase, "point": r.to_dict()} for r in results]
+        return results[-1]
+
     if args.saturation and not args.soak:
         say(f"{key}: saturation, closed loop, {args.saturation} streams x {args.window} chunks in flight")
         closed = {**common, "settings": replace(common["settings"], timeout_ms=max(common["settings"].timeout_ms,
                                                                                     10_000.0))}
-        p = measure_point(endpoint, args.saturation, target=target, shape=shape, pace="max", curve=curve2,
-                          alive=alive, **closed)
-        report["points"].append({"phase": "saturation", "point": p.to_dict()})
+        p = gated("saturation", lambda: measure_point(endpoint, args.saturation, target=target, shape=shape,
+                                                      pace="max", curve=curve2, alive=alive, **closed))
         report["saturation"][key] = {"streams": args.saturation, "window": args.window, "frames_per_s": p.achieved_fps,
                                      "streams_equivalent": p.achieved_fps / 31.25, "p50_ms": p.p50_ms,
                                      "p99_ms": p.p99_ms, "lost": p.lost, "stable": p.stable, "cpu": p.cpu,
@@ -366,7 +386,7 @@ def _measure_target(report: dict[str, Any], args: argparse.Namespace, endpoint: 
         cap = find_capacity(endpoint, shape=shape, budget_ms=args.budget_ms, quick=args.quick,
                             max_streams=args.max_streams, target=target, start_streams=args.start_streams,
                             settings=common["settings"], fleet=common["fleet"], curve=curve2,
-                            pids=common.get("pids"), progress=common["progress"], alive=alive)
+                            pids=common.get("pids"), progress=common["progress"], alive=alive, quiet=gate, say=say)
         report["points"] += [{"phase": "capacity", "point": p.to_dict()} for p in cap.points]
         entry = {k: v for k, v in cap.to_dict().items() if k != "points"}
         point = cap.capacity_point
@@ -379,9 +399,8 @@ def _measure_target(report: dict[str, Any], args: argparse.Namespace, endpoint: 
             report["profile"][key] = {}
             for share in (0.1, 0.8):
                 n = max(1, round(share * cap.capacity_streams))
-                p = measure_point(endpoint, n, target=target, shape=shape, pace="realtime", curve=curve2,
-                                  alive=alive, **common)
-                report["points"].append({"phase": f"profile-{int(share * 100)}", "point": p.to_dict()})
+                p = gated(f"profile-{int(share * 100)}", lambda: measure_point(
+                    endpoint, n, target=target, shape=shape, pace="realtime", curve=curve2, alive=alive, **common))
                 report["profile"][key][f"{int(share * 100)}%"] = {
                     "streams": n, "p50_ms": p.p50_ms, "p90_ms": p.p90_ms, "p99_ms": p.p99_ms, "max_ms": p.max_ms,
                     "lost": p.lost, "passed": p.passed, "stable": p.stable}
@@ -389,9 +408,8 @@ def _measure_target(report: dict[str, Any], args: argparse.Namespace, endpoint: 
     if args.soak or not (args.sweep or args.streams):
         return  # the soak itself measures with --streams
     for n in (args.sweep or [args.streams]):
-        p = measure_point(endpoint, n, target=target, shape=shape, pace=args.pace, curve=curve2, alive=alive,
-                          **common)
-        report["points"].append({"phase": "sweep" if args.sweep else "streams", "point": p.to_dict()})
+        gated("sweep" if args.sweep else "streams", lambda: measure_point(
+            endpoint, n, target=target, shape=shape, pace=args.pace, curve=curve2, alive=alive, **common))
 
 
 def _run_soak(report: dict[str, Any], args: argparse.Namespace, endpoint: str, shape: str, common: dict[str, Any],
@@ -481,8 +499,11 @@ def _print_summary(report: dict[str, Any]) -> None:
         table = points_table(point(e["point"]) for e in points).splitlines()
         print(f"{'phase':>11} " + table[0])
         for e, line in zip(points, table[1:]):
-            print(f"{e['phase']:>11} " + line)
+            phase = e["phase"] + ("*" if e["point"].get("superseded") else "")
+            print(f"{phase:>11} " + line)
         print(TABLE_LEGEND)
+        if any(e["point"].get("superseded") for e in points):
+            print("  *: failed while other tenants + steal exceeded the quiet gate; measured again, the later row counts")
     raw = report["baselines"].get("raw")
     if raw:
         runs = ", ".join(f"{r['when']} B={r['batch']} {r['frames_per_s']:.0f}" for r in raw["runs"])

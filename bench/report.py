@@ -148,6 +148,8 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         row["loadavg1"] = (p.get("loadavg") or [None])[0]
         row["fail_reasons"] = "; ".join(p.get("fail_reasons") or [])
         row["warnings"] = "; ".join(p.get("warnings") or [])
+        row["superseded"] = p.get("superseded")
+        row["noise_before_pct"] = p.get("noise_before_pct")
         rows.append(row)
     return rows
 
@@ -185,7 +187,7 @@ def write_plot(report: dict[str, Any], path: str) -> None:
         if entry["phase"] == "soak":
             continue
         p = entry["point"]
-        if p.get("pace") != "realtime" or p.get("p99_ms") is None:
+        if p.get("pace") != "realtime" or p.get("p99_ms") is None or p.get("superseded"):
             continue
         series.setdefault((p["target"], p["shape"]), []).append(p)
     fig, (ax_lat, ax_fps) = plt.subplots(2, 1, figsize=(10, 9), sharex=True,

@@ -245,3 +245,30 @@ def test_plot_draws_budget_and_series(tmp_path: Path) -> None:
     path = tmp_path / "plot.png"
     write_plot(report, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_quiet_gate_waits_and_measures_a_noisy_failure_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    readings = iter([90.0, 80.0, 10.0, 12.0, 5.0])  # machine noise, % of a core, one per sample
+    monkeypatch.setattr(replay, "machine_noise_pct", lambda _s: next(readings))
+    made: list[PointResult] = []
+
+    def measure() -> PointResult:
+        noisy = not made
+        point = PointResult("ringserve", "device", "realtime", 10, 32.0, 32.0, 1, 1.0, passed=not noisy,
+                            cpu={"others_pct": 70.0 if noisy else 5.0, "steal_pct": 10.0 if noisy else 0.0})
+        made.append(point)
+        return point
+
+    said: list[str] = []
+    gate = replay.QuietGate(max_others_pct=30.0, wait_s=60.0, sample_s=0.0, retries=2)
+    results = replay.measure_gated(gate, measure, said.append)
+    assert [p.passed for p in results] == [False, True]
+    assert results[0].superseded and not results[1].superseded
+    assert results[0].noise_before_pct == 10.0 and results[1].noise_before_pct == 12.0
+    assert any("waiting for a quieter machine" in s for s in said) and any("measuring again" in s for s in said)
+    # a failure while the machine was quiet is a result, not noise: no second measurement
+    made.clear()
+    monkeypatch.setattr(replay, "machine_noise_pct", lambda _s: 1.0)
+    quiet_fail = replay.measure_gated(gate, lambda: PointResult("ringserve", "device", "realtime", 10, 32.0, 32.0, 1,
+                                                                 1.0, passed=False, cpu={"others_pct": 3.0}))
+    assert len(quiet_fail) == 1 and not quiet_fail[0].superseded
