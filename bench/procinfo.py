@@ -31,10 +31,11 @@ def cpu_seconds_or_none(pid: int) -> float | None:
         return None
 
 
-def machine_cpu_seconds() -> tuple[float, float] | None:
-    """(busy, steal): CPU seconds all cores spent busy since boot (/proc/stat: user, nice,
-    system, irq, softirq), and the seconds the hypervisor gave to other guests (steal), to set
-    the bench's and the engine's CPU against the whole machine's."""
+def machine_cpu_seconds() -> tuple[float, float, float] | None:
+    """(busy, steal, nice): CPU seconds all cores spent busy since boot (/proc/stat: user, nice,
+    system, irq, softirq), the seconds the hypervisor gave to other guests (steal), and the
+    part of busy spent in processes with a positive niceness (they yield to everyone else),
+    to set the bench's and the engine's CPU against the whole machine's."""
     try:
         with open("/proc/stat") as fh:
             fields = [int(v) for v in fh.readline().split()[1:]]
@@ -42,7 +43,7 @@ def machine_cpu_seconds() -> tuple[float, float] | None:
         return None
     busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6]  # guest time is already in user
     steal = fields[7] if len(fields) > 7 else 0
-    return busy / _CLK_TCK, steal / _CLK_TCK
+    return busy / _CLK_TCK, steal / _CLK_TCK, fields[1] / _CLK_TCK
 
 
 def runq_wait_seconds(pid: int) -> float:

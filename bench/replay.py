@@ -422,6 +422,7 @@ def _cpu_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     if after.get("machine") is not None and before.get("machine") is not None and wall > 0:
         out["machine_pct"] = 100.0 * (after["machine"][0] - before["machine"][0]) / wall
         out["steal_pct"] = 100.0 * (after["machine"][1] - before["machine"][1]) / wall
+        out["niced_pct"] = 100.0 * (after["machine"][2] - before["machine"][2]) / wall
         if "engine_pct" in out and "bench_pct" in out:  # other tenants, and kernel work no process is charged for
             out["others_pct"] = max(0.0, out["machine_pct"] - out["engine_pct"] - out["bench_pct"])
     return out
@@ -763,13 +764,15 @@ class QuietGate:
 
 
 def machine_noise_pct(sample_s: float) -> float | None:
-    """Busy CPU of every process on the machine plus steal over ``sample_s``, % of one core."""
+    """Busy CPU of every process on the machine plus steal over ``sample_s``, % of one core;
+    processes with a positive niceness are left out (they yield to anything else that runs)."""
     before = machine_cpu_seconds()
     time.sleep(sample_s)
     after = machine_cpu_seconds()
     if before is None or after is None:
         return None
-    return 100.0 * ((after[0] - before[0]) + (after[1] - before[1])) / sample_s
+    busy, steal, niced = (a - b for a, b in zip(after, before))
+    return 100.0 * (busy - niced + steal) / sample_s
 
 
 def wait_for_quiet(gate: QuietGate, say: Callable[[str], None] | None = None) -> float | None:
@@ -788,7 +791,12 @@ def wait_for_quiet(gate: QuietGate, say: Callable[[str], None] | None = None) ->
 
 
 def point_noise_pct(point: PointResult) -> float:
-    return float(point.cpu.get("others_pct", 0.0) or 0.0) + float(point.cpu.get("steal_pct", 0.0) or 0.0)
+    """Other tenants (niced ones left out) + steal during a point, % of one core."""
+    cpu = point.cpu
+    others = float(cpu.get("others_pct", 0.0) or 0.0)
+    if cpu.get("niced_pct") is not None and (cpu.get("bench_pct") or 0) + (cpu.get("engine_pct") or 0) > 0:
+        others = max(0.0, others - float(cpu["niced_pct"]))  # our own processes may be niced too: approximate
+    return others + float(cpu.get("steal_pct", 0.0) or 0.0)
 
 
 def measure_gated(gate: QuietGate | None, measure: Callable[[], PointResult],
