@@ -97,8 +97,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                       "streams per process, at most one per CPU)")
     load.add_argument("--nice", type=int, default=0, metavar="N",
                       help="run every process the bench starts (spawned engine, baselines, load processes) at "
-                      "niceness N; a negative N (needs privileges) favours them over other tenants of a shared "
-                      "machine, all alike (default 0)")
+                      "niceness N, and, where the kernel groups processes by session (autogroup), this session's "
+                      "group too (restored afterwards); a negative N (needs privileges) favours them over other "
+                      "tenants of a shared machine, all alike (default 0)")
     load.add_argument("--budget-ms", type=float, default=32.0, help="latency budget for p99 (default 32)")
     load.add_argument("--timeout-ms", type=float, default=2000.0,
                       help="a chunk without a reply for this long is lost (timed out; default 2000)")
@@ -232,6 +233,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     machine_before = machine_cpu_seconds()
     with ExitStack() as stack:
+        if args.nice:
+            from bench.procinfo import autogroup_enabled, set_autogroup_nice
+
+            if autogroup_enabled():  # per-process niceness would only rank us among ourselves
+                previous = set_autogroup_nice(args.nice)
+                report["autogroup_nice"] = {"set": args.nice if previous is not None else None,
+                                            "previous": previous}
+                if previous is None:
+                    say(f"--nice {args.nice}: could not set this session's autogroup niceness (privileges?): "
+                        "other sessions' processes compete as equals anyway")
+                else:
+                    stack.callback(set_autogroup_nice, previous)
         alive: Callable[[], None] | None = None
         workers = args.workers
         if args.spawn_engine:

@@ -46,6 +46,29 @@ def machine_cpu_seconds() -> tuple[float, float, float] | None:
     return busy / _CLK_TCK, steal / _CLK_TCK, fields[1] / _CLK_TCK
 
 
+def autogroup_enabled() -> bool:
+    """With CFS autogroups (the default on desktops and many VMs) a process's niceness only
+    ranks it inside its session's group; groups share the CPUs as equals."""
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as fh:
+            return fh.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def set_autogroup_nice(value: int) -> int | None:
+    """Set the niceness of this process's autogroup (every process of its session); returns
+    the previous value, None when there are no autogroups or it may not be changed."""
+    try:
+        with open("/proc/self/autogroup") as fh:
+            previous = int(fh.read().split("nice")[1])
+        with open("/proc/self/autogroup", "w") as fh:
+            fh.write(str(value))
+    except (OSError, ValueError, IndexError):
+        return None
+    return previous
+
+
 def runq_wait_seconds(pid: int) -> float:
     """Time the process's main thread was runnable but waiting for a CPU (/proc/PID/schedstat)."""
     try:

@@ -74,6 +74,7 @@ import zmq
 from bench.daemon import BenchError, EngineDaemon, spawn_engine
 from bench.loadgen import FRAME_MS, LoadPlan, load_main
 from bench.procinfo import (
+    autogroup_enabled,
     cmdline,
     cpu_seconds_or_none,
     machine_cpu_seconds,
@@ -765,14 +766,15 @@ class QuietGate:
 
 def machine_noise_pct(sample_s: float) -> float | None:
     """Busy CPU of every process on the machine plus steal over ``sample_s``, % of one core;
-    processes with a positive niceness are left out (they yield to anything else that runs)."""
+    processes with a positive niceness are left out (they yield to anything else that runs)
+    unless the kernel groups processes by session (autogroup), where they do not yield."""
     before = machine_cpu_seconds()
     time.sleep(sample_s)
     after = machine_cpu_seconds()
     if before is None or after is None:
         return None
     busy, steal, niced = (a - b for a, b in zip(after, before))
-    return 100.0 * (busy - niced + steal) / sample_s
+    return 100.0 * (busy - (0.0 if autogroup_enabled() else niced) + steal) / sample_s
 
 
 def wait_for_quiet(gate: QuietGate, say: Callable[[str], None] | None = None) -> float | None:
@@ -794,7 +796,7 @@ def point_noise_pct(point: PointResult) -> float:
     """Other tenants (niced ones left out) + steal during a point, % of one core."""
     cpu = point.cpu
     others = float(cpu.get("others_pct", 0.0) or 0.0)
-    if cpu.get("niced_pct") is not None and (cpu.get("bench_pct") or 0) + (cpu.get("engine_pct") or 0) > 0:
+    if cpu.get("niced_pct") is not None and not autogroup_enabled():
         others = max(0.0, others - float(cpu["niced_pct"]))  # our own processes may be niced too: approximate
     return others + float(cpu.get("steal_pct", 0.0) or 0.0)
 
