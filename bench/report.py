@@ -192,7 +192,7 @@ def write_plot(report: dict[str, Any], path: str) -> None:
         series.setdefault((p["target"], p["shape"]), []).append(p)
     fig, (ax_lat, ax_fps) = plt.subplots(2, 1, figsize=(10, 9), sharex=True,
                                          gridspec_kw={"height_ratios": [3, 2]})
-    n_max = 1
+    n_max, n_min = 1, None
     for key, points in series.items():
         color, label = SERIES_STYLE.get(key, ("#7f7f7f", f"{key[0]}, {key[1]}"))
         by_n: dict[int, dict[str, Any]] = {}
@@ -200,6 +200,7 @@ def write_plot(report: dict[str, Any], path: str) -> None:
             by_n[p["streams"]] = p  # the last measurement of an N wins
         ns = sorted(by_n)
         n_max = max(n_max, ns[-1])
+        n_min = ns[0] if n_min is None else min(n_min, ns[0])
         p50 = [by_n[n]["p50_ms"] for n in ns]
         p99 = [by_n[n]["p99_ms"] for n in ns]
         ax_lat.plot(ns, p99, "-", color=color, lw=2, label=f"{label}: p99")
@@ -226,10 +227,11 @@ def write_plot(report: dict[str, Any], path: str) -> None:
                      fontsize=11)
     ax_lat.grid(True, which="both", alpha=0.3)
     ax_lat.legend(fontsize=8, loc="upper left", ncol=1)
-    xs = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192) if n <= 2 * n_max]
+    n_min = n_min or 1
+    xs = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192) if n_min / 2 <= n <= 2 * n_max]
     import numpy as np
 
-    grid = np.geomspace(1, 2 * n_max, 200)
+    grid = np.geomspace(max(1, n_min / 2), 2 * n_max, 200)
     ax_fps.plot(grid, 31.25 * grid, color="#555555", ls="--", lw=1, label="needed: 31.25 frames/s per stream")
     for key_text, sat in report.get("saturation", {}).items():
         target, _, shape = key_text.partition("/")
@@ -245,7 +247,7 @@ def write_plot(report: dict[str, Any], path: str) -> None:
     ax_fps.set_ylim(0, 1.1 * top)
     ax_fps.set_xticks(xs)
     ax_fps.set_xticklabels([str(x) for x in xs])
-    ax_fps.set_xlim(left=max(1, min(xs) if xs else 1) * 0.8, right=n_max * 1.3)
+    ax_fps.set_xlim(left=max(1.0, n_min / 1.3), right=n_max * 1.3)
     ax_fps.set_xlabel("concurrent real-time streams N (32 ms frames)")
     ax_fps.set_ylabel("frames/s answered")
     ax_fps.grid(True, which="both", alpha=0.3)
