@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.procinfo import rss_bytes
 from tests.silero_reference import reference_probs, silero_model_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,6 +178,13 @@ def resample_to_8k(clip: Clip) -> Clip:
     f32 = soxr.resample(clip.f32, clip.rate, 8000, quality="HQ")
     pcm = np.clip(np.round(f32 * 32768.0), -32768, 32767).astype(np.int16)
     return Clip(clip.name + "@8k", pcm, 8000)
+
+
+def vm_rss_mib(pid: int) -> float:
+    rss = rss_bytes(pid)
+    if rss is None:
+        raise RuntimeError(f"no VmRSS for pid {pid}: the process is gone")
+    return rss / 2**20
 
 
 def have_espeak_or_shared() -> bool:

@@ -20,6 +20,7 @@ import zmq
 from clients import errors
 from clients.client import Client, Stream
 from tests.conftest import (
+    vm_rss_mib,
     REPO,
     Clip,
     DaemonProcess,
@@ -236,12 +237,6 @@ def test_no_client_can_touch_another_clients_stream(limited: DaemonProcess) -> N
 
 # ---- slow clients ----------------------------------------------------------------------------
 
-def vm_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def test_a_client_that_stops_reading_loses_replies_not_the_engine(limited: DaemonProcess) -> None:

@@ -39,7 +39,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from clients.client import Client
-from tests.conftest import Clip, DaemonProcess, reference, spawn_daemon, speech_clips
+from tests.conftest import vm_rss_mib, Clip, DaemonProcess, reference, spawn_daemon, speech_clips
 from transport import protocol as P
 from transport.protocol import DType, ErrorCode, MsgType
 
@@ -60,12 +60,6 @@ _VAD_KEYS = ("threshold", "neg_threshold", "min_silence_duration_ms", "speech_pa
 _KNOWN_TYPES = {int(t) for t in MsgType if t < 0x80}
 
 
-def vm_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def results_with_flags(msg: bytes) -> list[tuple[int, int, np.ndarray]]:

@@ -31,7 +31,7 @@ import numpy as np
 import zmq
 
 from clients.client import Client
-from tests.conftest import REPO, spawn_daemon
+from tests.conftest import vm_rss_mib, REPO, spawn_daemon
 from transport import protocol as P
 from transport.protocol import DType, MsgType
 
@@ -217,12 +217,6 @@ def run_in_process(task: str, kwargs: dict[str, Any], out: Path, timeout: float)
 
 # ---- the test -----------------------------------------------------------------------------
 
-def vm_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def window(buckets: list[dict[str, Any]], start_s: float, end_s: float) -> dict[str, Any]:
