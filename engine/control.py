@@ -6,8 +6,10 @@ streams, and ids never collide across connections.
 
 from __future__ import annotations
 
+import array
 import bisect
 import logging
+import math
 import secrets
 import time
 from collections import Counter
@@ -30,12 +32,16 @@ _OPEN_KEYS = {"sample_rate", "dtype", "vad", "shed_after_ms"}
 _MAX_VAD_MS = 3_600_000
 BUCKETS_S = [b / 1e6 for b in BUCKETS_US]
 _NUMPY_DTYPES = {int(k): v for k, v in P.NUMPY_DTYPES.items()}  # plain-int keys: no enum lookup per chunk
+# A message read within this long of the front-end finding its socket empty waited at most
+# this long: its read time is its arrival time (see StreamTable.arrival).
+_FRESH_NS = 20_000_000
+_NAN = array.array("f", [math.nan])
 
 
 class Outlet(Protocol):
     def send(self, identity: bytes, payload: bytes) -> None: ...
     def queue_result(self, identity: bytes, item: bytes) -> None: ...
-    def write_frames(self, stream: Stream, count: int) -> None: ...
+    def write_frames(self, stream: Stream, count: int, arrived_ns: int) -> None: ...
     def room_for(self, worker: int, nbytes: int) -> bool: ...
 
 
@@ -67,6 +73,7 @@ class StreamTable:
         self.counters: Counter[str] = Counter()
         self.request_hist = [0] * N_BUCKETS  # arrival -> reply of audio chunks
         self.request_s_total = 0.0
+        self.drained_ns = time.monotonic_ns()  # the front-end last found its socket empty
 
     # ---- dispatch ----------------------------------------------------------------------
     def on_message(self, identity: bytes, msg: bytes) -> None:
@@ -170,7 +177,7 @@ class StreamTable:
         else:
             stream.closing = True
             if stream.pad_final():
-                self._out().write_frames(stream, 1)
+                self._out().write_frames(stream, 1, time.monotonic_ns())
                 self.counters["frames_in"] += 1
             stream.chunks.append(PendingChunk(P.CLOSE_SEQ, request_id, stream.next_seq, kind="close"))
         self.complete_chunks(stream)
@@ -205,23 +212,55 @@ class StreamTable:
         if dtype == P.DType.FLOAT32 and not np.isfinite(samples).all():
             raise ProtocolError(ErrorCode.BAD_AUDIO, "chunk contains NaN or Inf samples; nothing of it was used")
         new_frames = (stream.buf_len - stream.context + len(samples)) // stream.frame
-        if stream.in_flight + new_frames > self.max_in_flight:
+        now_ns = time.monotonic_ns()
+        arrived_ns = self.arrival(stream, len(samples), now_ns)
+        # Intake shedding: a chunk whose last frame is already past its deadline goes no further
+        # than here; this is what lets a saturated front-end catch up (worker.py sheds the rest).
+        shed = bool(new_frames and stream.shed_after_ms and now_ns - arrived_ns > 1_000_000 * stream.shed_after_ms
+                    + (new_frames - 1) * stream.frame * stream.ns_per_sample)
+        if not shed and stream.in_flight + new_frames > self.max_in_flight:
             raise ProtocolError(ErrorCode.LIMIT, f"stream {stream_id} would have {stream.in_flight + new_frames} "
                                 f"frames in flight, over max_in_flight_frames={self.max_in_flight}; "
                                 "wait for results or send smaller chunks")
-        if new_frames and not self._out().room_for(
+        if not shed and new_frames and not self._out().room_for(
                 stream.worker, records.frames_record_bytes(new_frames, stream.frame + stream.context)):
-            self.counters["frames_refused_overloaded"] += new_frames
-            raise ProtocolError(ErrorCode.OVERLOADED, "the engine is overloaded: this chunk was not "
-                                "used; retry later, or add workers")
-        stream.last_active = now = time.monotonic()
+            if not stream.shed_after_ms:  # this stream asked never to be shed: refuse, so it can retry
+                self.counters["frames_refused_overloaded"] += new_frames
+                raise ProtocolError(ErrorCode.OVERLOADED, "the engine is overloaded: this chunk was not "
+                                    "used; retry later, or add workers")
+            shed = True  # its worker's queue is full: these frames could not run in time either
+            self.counters["frames_shed_queue_full"] += new_frames
+        stream.last_active = time.monotonic()
         count = stream.append(samples)
-        if count:
-            self._out().write_frames(stream, count)
         self.counters["frames_in"] += count
-        stream.chunks.append(PendingChunk(chunk_seq, request_id, stream.next_seq, arrived=now))
-        if count == 0:
+        chunk = PendingChunk(chunk_seq, request_id, stream.next_seq, arrived=arrived_ns / 1e9)
+        if shed:
+            stream.drop_frames(count)
+            chunk.shed = chunk.shed_at_intake = count
+            chunk.probs.extend(_NAN * count)
+            self.counters["frames_shed_at_intake"] += count
+        elif count:
+            self._out().write_frames(stream, count, arrived_ns)
+            chunk.end_seq = stream.next_seq
+        stream.chunks.append(chunk)
+        if chunk.end_seq <= stream.expected_seq:
             self.complete_chunks(stream)
+
+    def arrival(self, stream: Stream, samples: int, now_ns: int) -> int:
+        """When this chunk reached the daemon, estimated: it may have waited in ZeroMQ's queue.
+
+        While the front-end keeps up, it finds its socket empty every loop turn and a message's
+        read time is its arrival time; each such message anchors the stream's audio clock. When
+        it falls behind, a live stream's chunk arrived when its audio did by that clock, but not
+        before the socket was last empty, nor after now (a sender faster than real time, or one
+        that paused, is judged by those bounds).
+        """
+        stream.audio_ns += samples * stream.ns_per_sample
+        drained = self.drained_ns
+        if now_ns - drained <= _FRESH_NS:
+            stream.clock_ns = now_ns - stream.audio_ns
+            return now_ns
+        return min(now_ns, max(drained, stream.clock_ns + stream.audio_ns))
 
     # ---- results -----------------------------------------------------------------------
     def on_result(self, slot: int, seq: int, prob: float) -> None:
@@ -236,6 +275,7 @@ class StreamTable:
         if prob != prob:  # NaN: the worker shed this frame (overload policy, see worker.py)
             stream.chunks[0].shed += 1
             self.counters["frames_shed"] += 1
+            self.counters["frames_shed_in_worker"] += 1
         events = stream.on_result(prob)
         if events:
             stream.chunks[0].events.extend((e.kind, e.frame, e.sample) for e in events)
@@ -254,6 +294,13 @@ class StreamTable:
                 self._out().send(stream.identity, P.header(MsgType.RESET_DONE, chunk.request_id)
                                  + P.STREAM_ID.pack(stream.stream_id))
                 continue
+            if chunk.shed_at_intake:  # its frames take their place in the stream only now, in order
+                stream.frame_base -= chunk.shed_at_intake  # frame numbers count them; seqs do not
+                for _ in range(chunk.shed_at_intake):
+                    chunk.events.extend((e.kind, e.frame, e.sample) for e in stream.segmenter.push(math.nan))
+                stream.samples_out += chunk.shed_at_intake * stream.frame
+                self.counters["frames_shed"] += chunk.shed_at_intake
+                self.counters["frames_out"] += chunk.shed_at_intake
             if chunk.kind == "audio":
                 elapsed = time.monotonic() - chunk.arrived
                 self.request_hist[bisect.bisect_left(BUCKETS_S, elapsed)] += 1

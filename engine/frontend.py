@@ -107,7 +107,7 @@ class FrontEnd:
     def room_for(self, worker: int, nbytes: int) -> bool:
         return self.links[worker].has_room(nbytes)
 
-    def write_frames(self, stream: Stream, count: int) -> None:
+    def write_frames(self, stream: Stream, count: int, arrived_ns: int) -> None:
         link = self.links[stream.worker]
         width = stream.context + stream.frame
         size = records.frames_record_bytes(count, width)
@@ -120,7 +120,7 @@ class FrontEnd:
         else:
             target = view
         records.FRAMES_HEADER.pack_into(target, 0, records.KIND_FRAMES, count, width, stream.rate,
-                                        time.monotonic_ns(), stream.shed_after_ms)
+                                        arrived_ns, stream.shed_after_ms)
         flags = records.FLAG_FRESH if stream.fresh else 0
         stream.fresh = False
         if count == 1:  # a device's one-frame message: the common case, kept free of numpy setup
@@ -164,6 +164,7 @@ class FrontEnd:
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
+                self.table.drained_ns = time.monotonic_ns()
                 return n
             if len(frames) != 2:
                 self.counters["errors_bad_message"] += 1
@@ -204,6 +205,8 @@ class FrontEnd:
             for fd in watched:
                 poller.register(fd, zmq.POLLIN)
             poller.poll(timeout=int(1000 * _HOUSEKEEPING_S * 4))
+            # Poll returns as soon as a message is ready: whatever is queued now arrived just now.
+            self.table.drained_ns = time.monotonic_ns()
             for fd in watched:
                 poller.unregister(fd)
             for link in self.links:

@@ -71,8 +71,13 @@ class EngineCollector(Collector):
                                   value=counters.get("frames_in", 0))
         yield CounterMetricFamily("ringserve_frames_answered", "Frame results delivered to clients",
                                   value=counters.get("frames_out", 0))
-        yield CounterMetricFamily("ringserve_frames_shed", "Frames shed under overload (NaN result sent)",
-                                  value=counters.get("frames_shed", 0))
+        shed = CounterMetricFamily("ringserve_frames_shed", "Frames shed under overload (NaN result sent), by "
+                                   "where (worker: late in its queue; intake: late on arrival at the front-end; "
+                                   "queue_full: its worker's queue was full)", labels=["where"])
+        shed.add_metric(["worker"], counters.get("frames_shed_in_worker", 0))
+        shed.add_metric(["intake"], counters.get("frames_shed_at_intake", 0) - counters.get("frames_shed_queue_full", 0))
+        shed.add_metric(["queue_full"], counters.get("frames_shed_queue_full", 0))
+        yield shed
         yield CounterMetricFamily("ringserve_worker_restarts", "Workers replaced after dying",
                                   value=counters.get("worker_restarts", 0))
         yield CounterMetricFamily("ringserve_streams_opened", "Streams opened", value=counters.get("streams_opened", 0))

@@ -30,13 +30,15 @@ class PendingChunk:
     events: list[tuple[int, int, int]] = field(default_factory=list)
     kind: str = "audio"  # "audio" | "reset" | "close"
     shed: int = 0  # frames of this chunk shed under overload (NaN probability)
-    arrived: float = 0.0  # time.monotonic() when the request arrived
+    shed_at_intake: int = 0  # of those, frames the front-end shed without sending them to a worker
+    arrived: float = 0.0  # time.monotonic() when the request arrived (estimated, see StreamTable.arrival)
 
 
 class Stream:
     __slots__ = ("identity", "stream_id", "slot", "worker", "rate", "frame", "context", "dtype",
                  "buf", "buf_len", "next_seq", "expected_seq", "frame_base", "fresh", "segmenter",
-                 "samples_in", "samples_out", "chunks", "closing", "last_active", "shed_after_ms")
+                 "samples_in", "samples_out", "chunks", "closing", "last_active", "shed_after_ms",
+                 "ns_per_sample", "audio_ns", "clock_ns")
 
     def __init__(self, identity: bytes, stream_id: int, slot: int, worker: int, rate: int,
                  frame: int, context: int, dtype: int, segmenter: SpeechSegmenter, first_seq: int,
@@ -62,6 +64,9 @@ class Stream:
         self.closing = False
         self.last_active = now
         self.shed_after_ms = 0  # overload deadline for this stream's frames; 0: never shed
+        self.ns_per_sample = 1_000_000_000 // rate
+        self.audio_ns = 0  # audio received since open, as a duration (reset does not rewind it)
+        self.clock_ns = int(now * 1e9)  # when a real-time sender started: audio at t sent at clock_ns + t
 
     @property
     def in_flight(self) -> int:
@@ -96,11 +101,15 @@ class Stream:
     def take_frames(self, count: int, out: np.ndarray) -> None:
         """Copy ``count`` model inputs (context + frame each) into ``out`` and keep the rest."""
         width = self.context + self.frame
-        used = count * self.frame
         if count == 1:
             out[:] = self.buf[:width]
         else:  # overlapping windows: frame i starts `frame` samples after frame i-1
             out[:] = np.ndarray((count, width), np.float32, self.buf, 0, (self.frame * 4, 4))
+        self.drop_frames(count)
+
+    def drop_frames(self, count: int) -> None:
+        """Consume ``count`` complete frames without running them (shed at intake)."""
+        used = count * self.frame
         keep = self.buf_len - used
         self.buf[:keep] = self.buf[used:self.buf_len]
         self.buf_len = keep

@@ -189,7 +189,7 @@ class Worker:
 
     def serve(self, death_fd: int) -> None:
         spin_s = self.cfg.spin_us / 1e6
-        delay_s = self.cfg.batch_delay_us / 1e6
+        delay_ns = self.cfg.batch_delay_us * 1000
         counters = self.stats.counters
         while True:
             self.drain_input()
@@ -198,9 +198,12 @@ class Worker:
                 if death_fd in ready:
                     return
                 continue
-            if delay_s and len(self.queues) < self.cfg.max_batch:
-                deadline = time.perf_counter() + delay_s
-                while time.perf_counter() < deadline and len(self.queues) < self.cfg.max_batch:
+            if delay_ns and len(self.queues) < self.cfg.max_batch:
+                # Gather until the oldest queued frame has waited batch_delay_us, sleeping rather
+                # than spinning: the frames we wait for come from a front-end that needs a core.
+                wait_ns = self.records[0].enqueued_ns + delay_ns - time.monotonic_ns()
+                if wait_ns > 0:
+                    time.sleep(wait_ns / 1e9)
                     self.drain_input()
             busy_from = time.monotonic_ns()
             self.run_batch()

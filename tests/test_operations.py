@@ -198,7 +198,8 @@ def test_metrics_count_every_frame_exactly(ops: HttpEngine) -> None:
     assert delta("ringserve_frames_total") == 114  # run through the model
     assert delta("ringserve_frames_received_total") == 114  # 111 complete frames sent + 3 zero-padded at close
     assert delta("ringserve_streams_opened_total") == 3
-    assert delta("ringserve_frames_shed_total") == 0
+    for where in ("worker", "intake", "queue_full"):
+        assert delta("ringserve_frames_shed_total", where=where) == 0
     assert delta("ringserve_worker_restarts_total") == 0
     executions = delta("ringserve_executions_total")
     assert 1 <= executions <= 114

@@ -12,7 +12,9 @@ RESULTS (worker -> front-end): one record per executed batch::
     u32 kind=2 | u32 count | u64 reserved
     count x RESULT {u64 seq, u32 slot, f32 probability}
 
-``seq`` is the stream's frame counter since it opened. The worker reads state buffer
+``enqueued_ns`` is when the chunk reached the daemon, as the front-end estimates it (it may
+have waited in ZeroMQ's queue first, see engine/control.py ``arrival``): the worker's shed
+deadlines count from it. ``seq`` is the stream's frame counter since it opened. The worker reads state buffer
 ``seq & 1`` of the stream's state slot and writes buffer ``(seq + 1) & 1``, so a frame that
 is run twice (after a worker crash) reads the same state both times.
 """
