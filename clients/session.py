@@ -9,8 +9,9 @@ back every message it receives. What it keeps:
   reply names exactly one thing) and the control requests waiting for a reply;
 * the stream registry: parameters (to reopen a stream exactly as it was), state, epoch
   and offsets, the chunks in flight in submission order, the window;
-* encoding: PCM -> AUDIO messages (several streams may share one message; a chunk over
-  the engine's max_message_bytes is split, the pieces answered as one :class:`Ticket`);
+* encoding: PCM -> AUDIO messages (several streams may share one message, up to the engine's
+  max_message_bytes and max_items_per_message; a chunk over max_message_bytes is split, the
+  pieces answered as one :class:`Ticket`);
 * decoding: RESULTS items -> per-frame :class:`~clients.results.Result` with events,
   wall-clock arrival times and latency, matched to their chunk by (stream, chunk_seq);
   ERROR -> the typed exception of the chunk or request it names; unsolicited errors
@@ -298,6 +299,7 @@ class Session:
         self.unclaimed: collections.OrderedDict[tuple[str, int], Any] = collections.OrderedDict()
         self.notices: list[RingserveError] = []
         self.max_message_bytes = 1 << 20
+        self.max_items_per_message = 1024  # the engine's defaults, until an OPENED says otherwise
         self.state = ConnState.CONNECTED
         self.last_rx = now
         self.last_ping = now
@@ -399,8 +401,9 @@ class Session:
     def submit(self, items: Iterable[tuple[StreamCore, PCM]], now: float) -> tuple[list[Ticket], list[bytes]]:
         """Encode chunks of one or more streams; returns their tickets and the messages.
 
-        Items of several streams share messages up to the engine's max_message_bytes; a chunk
-        larger than that is split into pieces answered as one ticket.
+        Items of several streams share messages up to the engine's max_message_bytes and
+        max_items_per_message; a chunk larger than max_message_bytes is split into pieces
+        answered as one ticket.
         """
         budget = max(512, self.max_message_bytes - P.HEADER.size - P.AUDIO_ITEM.size)
         tickets: list[Ticket] = []
@@ -438,7 +441,7 @@ class Session:
 
         for entry in pieces:
             need = P.AUDIO_ITEM.size + len(entry[2])
-            if batch and size + need > self.max_message_bytes:
+            if batch and (size + need > self.max_message_bytes or len(batch) >= self.max_items_per_message):
                 flush()
                 batch, size = [], P.HEADER.size
             batch.append(entry)
@@ -519,6 +522,7 @@ class Session:
         elif kind in ("open", "reopen") and msg_type == MsgType.OPENED and stream is not None:
             info = P.decode_json(msg[P.HEADER.size + P.STREAM_ID.size:])
             self.max_message_bytes = int(info.get("max_message_bytes", self.max_message_bytes))
+            self.max_items_per_message = max(1, int(info.get("max_items_per_message", self.max_items_per_message)))
             stream._opened(info)
             if kind == "reopen":
                 stream.reopen_request = None

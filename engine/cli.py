@@ -33,8 +33,11 @@ SETTING_HELP = {
     "ring_mib": "size of each worker's input ring (MiB)",
     "ready_timeout_s": "how long workers may take to load and warm the model",
     "max_message_bytes": "largest client message accepted",
+    "max_items_per_message": "most audio items (chunks) one AUDIO message may hold; a message with more "
+                             "is refused whole",
     "max_streams_per_connection": "streams one connection may hold",
-    "max_in_flight_frames": "frames one stream may have queued in the engine",
+    "max_in_flight_frames": "frames one stream may have queued in the engine, and chunks it may have "
+                            "awaiting results",
     "idle_timeout_s": "close a stream that sent nothing for this long",
     "shed_after_ms": "overload policy: frames queued longer than this are shed (NaN result); 0 never sheds",
     "http": "also serve /live, /ready, /stats and /metrics over HTTP on HOST:PORT",

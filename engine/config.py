@@ -27,6 +27,7 @@ class ServeConfig:
     ring_mib: int = 8
     ready_timeout_s: float = 120.0
     max_message_bytes: int = 1 << 20
+    max_items_per_message: int = 1024
     max_streams_per_connection: int = 1024
     max_in_flight_frames: int = 2048
     idle_timeout_s: float = 300.0
@@ -56,6 +57,7 @@ class ServeConfig:
         need(1 <= self.ring_mib <= 1024, "ring_mib", "1 to 1024 MiB")
         need(self.ready_timeout_s > 0, "ready_timeout_s", "a positive number of seconds")
         need(4096 <= self.max_message_bytes <= 64 << 20, "max_message_bytes", "4096 to 67108864 bytes")
+        need(1 <= self.max_items_per_message <= 65536, "max_items_per_message", "an integer from 1 to 65536")
         need(1 <= self.max_streams_per_connection, "max_streams_per_connection", "a positive integer")
         need(1 <= self.max_in_flight_frames, "max_in_flight_frames", "a positive integer")
         need(self.idle_timeout_s > 0, "idle_timeout_s", "a positive number of seconds")

@@ -47,13 +47,14 @@ class Outlet(Protocol):
 
 class StreamTable:
     def __init__(self, *, max_streams: int, max_per_connection: int, max_in_flight: int,
-                 max_message_bytes: int, idle_timeout_s: float, shed_after_ms: int, n_workers: int,
-                 frame_samples: dict[int, int], context_samples: dict[int, int],
+                 max_message_bytes: int, max_items_per_message: int, idle_timeout_s: float,
+                 shed_after_ms: int, n_workers: int, frame_samples: dict[int, int], context_samples: dict[int, int],
                  stats_provider: Callable[[], dict[str, Any]]) -> None:
         self.max_streams = max_streams
         self.max_per_connection = max_per_connection
         self.max_in_flight = max_in_flight
         self.max_message_bytes = max_message_bytes
+        self.max_items_per_message = max_items_per_message
         self.idle_timeout_s = idle_timeout_s
         self.shed_after_ms = shed_after_ms
         self.frame_samples = frame_samples
@@ -164,7 +165,8 @@ class StreamTable:
         self.counters["streams_opened"] += 1
         reply = {"stream": stream_id, "sample_rate": rate, "frame_samples": stream.frame,
                  "dtype": dtype_name, "vad": vad_params.to_dict(), "max_message_bytes": self.max_message_bytes,
-                 "shed_after_ms": shed_after_ms, "instance": self.instance}
+                 "max_items_per_message": self.max_items_per_message, "shed_after_ms": shed_after_ms,
+                 "instance": self.instance}
         self._out().send(identity, P.header(MsgType.OPENED, request_id) + P.STREAM_ID.pack(stream_id)
                          + P.encode_json(reply))
 
@@ -192,6 +194,12 @@ class StreamTable:
 
     # ---- audio -------------------------------------------------------------------------
     def on_audio(self, identity: bytes, request_id: int, msg: bytes) -> None:
+        # Each item costs the front-end tens of microseconds however small it is: a message with
+        # too many is refused whole, as is a malformed one, before any item of it is used.
+        limit = self.max_items_per_message
+        if P.count_audio_items(msg, limit) > limit:
+            raise ProtocolError(ErrorCode.LIMIT, f"message holds more than max_items_per_message={limit} "
+                                "audio items; send fewer streams' chunks per message")
         for stream_id, chunk_seq, dtype, offset, nbytes in P.iter_audio_items(msg):
             try:
                 self._audio_item(identity, request_id, stream_id, chunk_seq, dtype, msg, offset, nbytes)
@@ -211,6 +219,13 @@ class StreamTable:
         samples = np.frombuffer(msg, np_dtype, nbytes // np_dtype.itemsize, offset)
         if dtype == P.DType.FLOAT32 and not np.isfinite(samples).all():
             raise ProtocolError(ErrorCode.BAD_AUDIO, "chunk contains NaN or Inf samples; nothing of it was used")
+        # Every chunk waits in stream.chunks until its reply, shed or not, whether or not it adds a
+        # frame: bound them (tiny chunks would otherwise pile up behind the frames in flight).
+        # Checked before arrival(), so a refused chunk leaves even the stream's audio clock alone.
+        if len(stream.chunks) >= self.max_in_flight:
+            raise ProtocolError(ErrorCode.LIMIT, f"stream {stream_id} already has {len(stream.chunks)} chunks "
+                                f"awaiting results (max_in_flight_frames={self.max_in_flight}); wait for "
+                                "results or send larger chunks")
         new_frames = (stream.buf_len - stream.context + len(samples)) // stream.frame
         now_ns = time.monotonic_ns()
         arrived_ns = self.arrival(stream, len(samples), now_ns)

@@ -152,6 +152,7 @@ class Daemon:
             table = StreamTable(
                 max_streams=cfg.max_streams, max_per_connection=cfg.max_streams_per_connection,
                 max_in_flight=cfg.max_in_flight_frames, max_message_bytes=cfg.max_message_bytes,
+                max_items_per_message=cfg.max_items_per_message,
                 idle_timeout_s=cfg.idle_timeout_s, shed_after_ms=cfg.shed_after_ms, n_workers=cfg.workers,
                 frame_samples=FRAME_SAMPLES, context_samples=CONTEXT_SAMPLES,
                 stats_provider=self.stats)

@@ -16,10 +16,11 @@ from typing import Any
 from engine.config import ConfigError, ServeConfig
 
 ENV_PREFIX = "RINGSERVE_"
-# RINGSERVE_* variables that are not serve settings: the corpus/test audio locations, and
-# the tuned file `serve --workers auto` reads (see auto_workers).
+# RINGSERVE_* variables that are not serve settings: the corpus/test audio locations, the
+# fuzz test's replay seed (the daemons it spawns inherit it), and the tuned file
+# `serve --workers auto` reads (see auto_workers).
 TUNED_ENV = ENV_PREFIX + "TUNED"
-NOT_SETTINGS = frozenset({"RINGSERVE_AUDIO_DIR", "RINGSERVE_SHARED_AUDIO", TUNED_ENV})
+NOT_SETTINGS = frozenset({"RINGSERVE_AUDIO_DIR", "RINGSERVE_SHARED_AUDIO", "RINGSERVE_FUZZ_SEED", TUNED_ENV})
 _HINTS = typing.get_type_hints(ServeConfig)
 FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
 

@@ -1,7 +1,9 @@
 """Admission control: every limit is refused with an error naming the limit and the setting that
 raises it, idle streams expire, and streams are scoped to their connection.
 
-One daemon runs with deliberately small limits; another with a 1 s idle timeout.
+One daemon runs with deliberately small limits; another with a 1 s idle timeout; a third with
+a small max_items_per_message (and otherwise default limits, so that one client may hold
+many streams).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ MAX_STREAMS = 6
 PER_CONNECTION = 4
 MAX_MESSAGE_BYTES = 8192
 MAX_IN_FLIGHT = 4
+MAX_ITEMS = 4
 TOLERANCE = 1e-6
 
 
@@ -44,6 +47,13 @@ def limited() -> Iterator[DaemonProcess]:
                           "--max-streams-per-connection", str(PER_CONNECTION),
                           "--max-message-bytes", str(MAX_MESSAGE_BYTES),
                           "--max-in-flight-frames", str(MAX_IN_FLIGHT))
+    yield daemon
+    assert daemon.stop() == 0, daemon.log()
+
+
+@pytest.fixture(scope="module")
+def few_items() -> Iterator[DaemonProcess]:
+    daemon = spawn_daemon("--workers", "1", "--max-items-per-message", str(MAX_ITEMS))
     yield daemon
     assert daemon.stop() == 0, daemon.log()
 
@@ -99,6 +109,18 @@ class Raw:
 
     def op(self, msg_type: MsgType, stream_id: int) -> bytes:
         return self.request(P.encode_stream_op(msg_type, self.next_rid(), stream_id))
+
+    def replies(self, n_units: int, timeout: float = 10.0) -> tuple[list[P.WireError], list[P.WireResult]]:
+        """Read until ``n_units`` ERRORs and RESULTS items have arrived (each in arrival order)."""
+        errors_: list[P.WireError] = []
+        results: list[P.WireResult] = []
+        while len(errors_) + len(results) < n_units:
+            reply = self.recv(timeout)
+            if P.parse_header(reply)[0] == MsgType.ERROR:
+                errors_.append(P.decode_error(reply))
+            else:
+                results += P.decode_results(reply)
+        return errors_, results
 
 
 def error_of(reply: bytes) -> P.WireError:
@@ -197,6 +219,112 @@ def test_in_flight_limit_refuses_the_chunk_and_leaves_the_stream_exact(limited: 
         probs = stream_clip(raw, 1, clip, 0, len(clip.pcm))
         final = P.decode_results(raw.op(MsgType.CLOSE, 1))
         probs += [float(p) for item in final for p in item.probabilities]
+    ref = reference(clip)
+    assert len(probs) == len(ref)
+    assert np.max(np.abs(np.array(probs, np.float32) - ref)) <= TOLERANCE
+
+
+def stats_of(endpoint: str) -> dict[str, object]:
+    with Raw(endpoint) as raw:
+        return P.decode_json(raw.request(P.header(MsgType.STATS, raw.next_rid()))[P.HEADER.size:])
+
+
+def limit_errors(stats: dict[str, object]) -> int:
+    counters = stats["counters"]
+    assert isinstance(counters, dict)
+    return int(counters.get("errors_limit", 0))
+
+
+def test_too_many_items_refuse_the_whole_message(few_items: DaemonProcess) -> None:
+    """More than max_items_per_message items: one LIMIT for the message, none of its items used
+    (the stream stays bit-exact); exactly max_items_per_message items: accepted."""
+    clip = Clip(speech_clips()[0].name, speech_clips()[0].pcm[:4 * 16000], 16000)
+    chunks = [clip.pcm[i:i + 2048].tobytes() for i in range(0, len(clip.pcm), 2048)]
+    with Raw(few_items.endpoint) as raw:
+        opened = raw.open(1)
+        info = P.decode_json(opened[P.HEADER.size + P.STREAM_ID.size:])
+        assert info["max_items_per_message"] == MAX_ITEMS  # clients pack their messages by it
+        for n_items in (MAX_ITEMS + 1, 3 * MAX_ITEMS):  # clip chunks 0, 1, ... of stream 1
+            rid = raw.next_rid()
+            raw.sock.send(P.encode_audio(rid, [(1, rid, DType.INT16, chunks[k]) for k in range(n_items)]))
+            error = error_of(raw.recv())
+            assert (error.code, error.request_id, error.stream_id) == (ErrorCode.LIMIT, rid, 0), error
+            assert f"more than max_items_per_message={MAX_ITEMS} audio items" in error.text, error.text
+            assert raw.sock.poll(300) == 0, "a refused message got more than one reply"
+        # Messages of exactly the limit are served; the stream never saw the refused ones.
+        probs: list[float] = []
+        for start in range(0, len(chunks), MAX_ITEMS):
+            rid = raw.next_rid()
+            group = [(1, rid + k, DType.INT16, chunk) for k, chunk in enumerate(chunks[start:start + MAX_ITEMS])]
+            raw.rid += len(group)
+            raw.sock.send(P.encode_audio(rid, group))
+            errors_, results = raw.replies(len(group))
+            assert errors_ == [] and [r.chunk_seq for r in results] == [seq for _, seq, _, _ in group]
+            probs += [float(p) for r in results for p in r.probabilities]
+        probs += [float(p) for item in P.decode_results(raw.op(MsgType.CLOSE, 1)) for p in item.probabilities]
+    ref = reference(clip)
+    assert len(probs) == len(ref)
+    assert np.max(np.abs(np.array(probs, np.float32) - ref)) <= TOLERANCE
+
+
+def test_client_packs_messages_by_max_items_per_message(few_items: DaemonProcess) -> None:
+    """A Client submitting to 10 streams at once (submit_many) sends messages of at most
+    max_items_per_message items, as OPENED advertises: every chunk is answered, none refused."""
+    clip = Clip(speech_clips()[0].name, speech_clips()[0].pcm[:3 * 16000], 16000)
+    limits_before = limit_errors(stats_of(few_items.endpoint))
+    with Client(few_items.endpoint) as client:
+        streams = [client.open_stream() for _ in range(10)]
+        assert client.session.max_items_per_message == MAX_ITEMS
+        got: list[list[float]] = [[] for _ in streams]
+        for start in range(0, len(clip.pcm), 1600):
+            pending = client.submit_many([(stream, clip.pcm[start:start + 1600]) for stream in streams])
+            for probs, p in zip(got, pending):
+                probs += [r.probability for r in p.result()]
+        for probs, stream in zip(got, streams):
+            probs += [r.probability for r in stream.close()]
+        assert client.notices == []
+    assert limit_errors(stats_of(few_items.endpoint)) == limits_before
+    ref = reference(clip)
+    for probs in got:
+        assert len(probs) == len(ref)
+        assert np.max(np.abs(np.array(probs, np.float32) - ref)) <= TOLERANCE
+
+
+def test_chunks_awaiting_results_are_bounded_per_stream(limited: DaemonProcess) -> None:
+    """Tiny chunks pile up behind a stream's frames in flight, each held until answered: beyond
+    max_in_flight_frames of them the next is refused with LIMIT naming the setting, nothing of
+    it used; the engine and the stream carry on, bit-exact."""
+    wait_for_open_streams(limited.endpoint, 0)
+    clip = Clip(speech_clips()[0].name, speech_clips()[0].pcm[:4 * 16000], 16000)
+    frames = MAX_IN_FLIGHT * 512
+    n_tiny = 10
+    limits_before = limit_errors(stats_of(limited.endpoint))
+    with Raw(limited.endpoint) as raw:
+        raw.open(1)
+        rid = raw.next_rid()
+        # One message: MAX_IN_FLIGHT frames, then one-sample chunks (the next samples of the clip),
+        # all read before any result can come back.
+        items = [(1, rid, DType.INT16, clip.pcm[:frames].tobytes())]
+        items += [(1, rid + 1 + k, DType.INT16, clip.pcm[frames + k:frames + k + 1].tobytes()) for k in range(n_tiny)]
+        raw.rid += n_tiny
+        raw.sock.send(P.encode_audio(rid, items))
+        accepted = MAX_IN_FLIGHT  # the chunk of frames, then tiny ones until MAX_IN_FLIGHT await results
+        errors_, results = raw.replies(1 + n_tiny)
+        assert [r.chunk_seq for r in results] == [seq for _, seq, _, _ in items[:accepted]]
+        assert [len(r.probabilities) for r in results] == [MAX_IN_FLIGHT] + [0] * (accepted - 1)
+        assert [e.chunk_seq for e in errors_] == [seq for _, seq, _, _ in items[accepted:]]
+        for error in errors_:
+            assert error.code == ErrorCode.LIMIT and error.stream_id == 1, error
+            assert f"already has {MAX_IN_FLIGHT} chunks awaiting results" in error.text, error.text
+            assert f"max_in_flight_frames={MAX_IN_FLIGHT}" in error.text, error.text
+        assert raw.sock.poll(300) == 0
+        assert P.parse_header(raw.request(P.header(MsgType.PING, 7))) == (MsgType.PONG, 7)
+        # The refused samples were not used: resending from the first of them keeps the stream exact.
+        probs = [float(p) for r in results for p in r.probabilities]
+        probs += stream_clip(raw, 1, clip, frames + accepted - 1, len(clip.pcm))
+        probs += [float(p) for item in P.decode_results(raw.op(MsgType.CLOSE, 1)) for p in item.probabilities]
+    assert limited.proc.poll() is None
+    assert limit_errors(stats_of(limited.endpoint)) - limits_before == n_tiny + 1 - accepted
     ref = reference(clip)
     assert len(probs) == len(ref)
     assert np.max(np.abs(np.array(probs, np.float32) - ref)) <= TOLERANCE

@@ -36,9 +36,11 @@ class Clock:
 
 
 def opened(request_id: int, sid: int, dtype: str = "int16", max_message_bytes: int = 1 << 20,
-           vad: dict[str, Any] | None = None) -> bytes:
-    info = {"stream": sid, "sample_rate": 16000, "frame_samples": W, "dtype": dtype, "vad": vad or VAD,
-            "max_message_bytes": max_message_bytes}
+           vad: dict[str, Any] | None = None, max_items_per_message: int | None = 1024) -> bytes:
+    info: dict[str, Any] = {"stream": sid, "sample_rate": 16000, "frame_samples": W, "dtype": dtype,
+                            "vad": vad or VAD, "max_message_bytes": max_message_bytes}
+    if max_items_per_message is not None:  # None: an engine that does not advertise it
+        info["max_items_per_message"] = max_items_per_message
     return P.header(P.MsgType.OPENED, request_id) + P.STREAM_ID.pack(sid) + P.encode_json(info)
 
 
@@ -163,6 +165,28 @@ def test_big_chunks_are_split_and_answered_as_one() -> None:
         session.receive(results((sid, seq, first, [0.5] * n, [], 0)), 0, clock())
         first += n
     assert ticket.done and [r.frame for r in ticket.results] == list(range(10_000 // W))
+
+
+def test_several_streams_share_messages_up_to_max_items_per_message() -> None:
+    clock, session = Clock(), Session(now=0.0)
+    assert session.max_items_per_message == 1024  # the engine's default until an OPENED says otherwise
+    cores = []
+    for _ in range(10):
+        core, request, _ = session.open_stream(16000, "int16", None, {}, StreamOptions(), clock())
+        session.receive(opened(request.id, core.stream_id, max_items_per_message=3), 0, clock())
+        cores.append(core)
+    assert session.max_items_per_message == 3
+    tickets, messages = session.submit([(core, np.zeros(600, np.int16)) for core in cores], clock())
+    per_message = [audio_items(msg) for msg in messages]
+    assert [len(items) for items in per_message] == [3, 3, 3, 1]
+    assert [sid for items in per_message for _, sid, _, _, _ in items] == [core.stream_id for core in cores]
+    for items in per_message:  # every message answered: every ticket done
+        session.receive(results(*((sid, seq, 0, [0.5], [], 0) for _, sid, seq, _, _ in items)), 0, clock())
+    assert all(t.done and t.error is None and len(t.results) == 1 for t in tickets)
+    # An engine that does not advertise the limit leaves the one in force.
+    core, request, _ = session.open_stream(16000, "int16", None, {}, StreamOptions(), clock())
+    session.receive(opened(request.id, core.stream_id, max_items_per_message=None), 0, clock())
+    assert session.max_items_per_message == 3
 
 
 def test_a_lost_reply_fails_its_chunk_and_the_rest_carries_on() -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from clients import errors
 from clients.client import Client
+from engine.config import ConfigError
 from engine.settings import FIELDS, build_config, read_env
 from tests.conftest import REPO, spawn_daemon
 
@@ -139,12 +140,23 @@ def test_print_config_output_is_a_valid_config_file(tmp_path: Path) -> None:
 
 
 def test_non_setting_variables_are_not_settings() -> None:
-    """RINGSERVE_AUDIO_DIR / RINGSERVE_SHARED_AUDIO point tests and the corpus at audio: a
-    daemon started from such an environment must not refuse to start."""
-    assert read_env({"RINGSERVE_SHARED_AUDIO": "/x", "RINGSERVE_AUDIO_DIR": "/y", "PATH": "/bin"}) == {}
+    """RINGSERVE_AUDIO_DIR / RINGSERVE_SHARED_AUDIO point tests and the corpus at audio, and
+    RINGSERVE_FUZZ_SEED replays a fuzz run: a daemon started from such an environment must not
+    refuse to start."""
+    assert read_env({"RINGSERVE_SHARED_AUDIO": "/x", "RINGSERVE_AUDIO_DIR": "/y", "RINGSERVE_FUZZ_SEED": "1",
+                     "PATH": "/bin"}) == {}
     cfg, origin = build_config({"workers": 2}, None, {"RINGSERVE_WORKERS": "5", "RINGSERVE_MAX_STREAMS": "9"})
     assert (cfg.workers, cfg.max_streams) == (2, 9)
     assert origin["workers"] == "flag" and origin["max_streams"] == "environment" and origin["spin_us"] == "default"
+
+
+@pytest.mark.parametrize("value", [0, 65537])
+def test_max_items_per_message_range(value: int) -> None:
+    with pytest.raises(ConfigError, match=rf"max_items_per_message = {value} is invalid: must be an integer "
+                       "from 1 to 65536"):
+        build_config({}, None, {"RINGSERVE_MAX_ITEMS_PER_MESSAGE": str(value)})
+    assert build_config({"max_items_per_message": 65536}, None, {})[0].max_items_per_message == 65536
+    assert build_config({}, None, {})[0].max_items_per_message == 1024
 
 
 def test_serve_uses_the_file_and_the_environment(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ allocate without a bound, or disturb another client's stream.
 Hypothesis draws > 10,000 malformed or hostile messages (random bytes, truncated and lying
 headers and audio items, unknown types and versions, NaN/Inf and wrongly typed audio, odd
 byte counts, hostile OPEN JSON, foreign streams, multi-frame and empty ZeroMQ messages,
-oversized messages) and throws them in batches over a few DEALER sockets without waiting
+oversized messages, AUDIO messages with too many items) and throws them in batches over a few DEALER sockets without waiting
 for each reply; replies are drained between batches. Meanwhile a clean client streams real
 speech whose probabilities must stay bit-exact against the frame-by-frame reference.
 Hypothesis picks each message's category and seeds a PRNG for its bulk (sizes, ids, lies),
@@ -12,8 +12,9 @@ and builds the OPEN JSON bodies with its structured strategies; a failing run pr
 seed, and RINGSERVE_FUZZ_SEED replays it.
 
 The reply contract under test (docs/protocol.md): every message gets exactly one reply,
-except AUDIO, where every item up to the first malformed one gets exactly one RESULTS item or
-ERROR, plus one ERROR for the malformed tail. The test counts these "reply units" per socket
+except a well-formed AUDIO message of at most max_items_per_message items, where every item
+gets exactly one RESULTS item or ERROR. A malformed AUDIO message, or one with too many items,
+is refused whole: one ERROR, nothing of it used. The test counts these "reply units" per socket
 and requires received == expected after every batch, and for every message that can only be
 refused, an ERROR with the right code, echoing the request id (0 where the header itself was
 unreadable). It also requires the engine's error counters to have grown by exactly the
@@ -44,8 +45,10 @@ from transport import protocol as P
 from transport.protocol import DType, ErrorCode, MsgType
 
 MAX_MESSAGE_BYTES = 65536  # small, so that oversized-but-readable messages are cheap to send
+MAX_ITEMS = 8  # small, so that the other categories' messages (at most 5 items) stay under it
 DAEMON_ARGS = ("--workers", "1", "--max-message-bytes", str(MAX_MESSAGE_BYTES), "--max-streams", "64",
-               "--max-streams-per-connection", "12", "--max-in-flight-frames", "512")
+               "--max-streams-per-connection", "12", "--max-in-flight-frames", "512",
+               "--max-items-per-message", str(MAX_ITEMS))
 N_SOCKETS = 4
 EXAMPLES = 135  # hypothesis examples, one batch each
 BATCH = 80  # messages per batch, spread over the sockets
@@ -87,14 +90,14 @@ def reply_units(frames: list[bytes]) -> int:
         return 1
     while offset < end:
         if end - offset < P.AUDIO_ITEM.size:
-            return items + 1
+            return 1  # malformed: refused whole
         nbytes = P.AUDIO_ITEM.unpack_from(msg, offset)[3]
         offset += P.AUDIO_ITEM.size
         if nbytes > end - offset:
-            return items + 1
+            return 1
         items += 1
         offset += nbytes
-    return items
+    return 1 if items > MAX_ITEMS else items
 
 
 @dataclass
@@ -227,7 +230,8 @@ SPECS: dict[str, st.SearchStrategy[tuple[Any, ...]]] = {
 WEIGHTS = {"random_bytes": 3, "short_or_empty": 1, "bad_version": 2, "unknown_type": 2, "truncated_stream_op": 1,
            "foreign_stream_op": 3, "audio_no_items": 1, "audio_lying_lengths": 3, "audio_foreign_stream": 2,
            "audio_bad_samples": 3, "audio_own_mixed": 2, "open_hostile_json": 3, "open_malformed_json": 2,
-           "own_stream_op": 1, "multi_frame": 2, "oversized_readable": 1, "ping_stats_trailing_junk": 1}
+           "own_stream_op": 1, "multi_frame": 2, "oversized_readable": 1, "ping_stats_trailing_junk": 1,
+           "audio_too_many_items": 1}
 _CATEGORY_LIST = [name for name, weight in WEIGHTS.items() for _ in range(weight)]
 _NO_SPEC: st.SearchStrategy[tuple[Any, ...]] = st.just(())
 
@@ -322,8 +326,8 @@ class Fuzzer:
         return Msg([P.header(MsgType.AUDIO, rid)], "audio_no_items", rid, [frozenset({ErrorCode.BAD_MESSAGE})])
 
     def build_audio_lying_lengths(self, s: FuzzSocket, rng: random.Random) -> Msg:
-        """Valid items for foreign streams, then an item header cut short or whose nbytes lies (even
-        for the socket's own stream: nothing of the message after the lie is used)."""
+        """Valid items for foreign streams, then an item header cut short or whose nbytes lies (for
+        the socket's own stream): the message is refused whole, one BAD_MESSAGE, nothing used."""
         rid = s.rid()
         items = self._foreign_items(s, rng, rid, rng.randrange(5))
         sid = rng.choice(sorted(s.base))
@@ -334,8 +338,7 @@ class Fuzzer:
             lie = rng.choice([present + 1, present + 2, 2**31, 2**32 - 1, MAX_MESSAGE_BYTES, 2 * MAX_MESSAGE_BYTES])
             tail = P.AUDIO_ITEM.pack(sid, rid, s.base[sid], lie) + rng.randbytes(present)
         raw = P.header(MsgType.AUDIO, rid) + b"".join(items) + tail
-        checks = [frozenset({ErrorCode.UNKNOWN_STREAM})] * len(items) + [frozenset({ErrorCode.BAD_MESSAGE})]
-        return Msg([raw], "audio_lying_lengths", rid, checks)
+        return Msg([raw], "audio_lying_lengths", rid, [frozenset({ErrorCode.BAD_MESSAGE})])
 
     def build_audio_foreign_stream(self, s: FuzzSocket, rng: random.Random) -> Msg:
         rid = s.rid()
@@ -385,6 +388,27 @@ class Fuzzer:
             pcm = _pcm(own[sid], rng.choice([0, 1, 100, 511, 512, 513, 2000, 4096]), rng, self.speech)
             items.append(P.AUDIO_ITEM.pack(sid, rid, own[sid], len(pcm)) + pcm)
         return Msg([P.header(MsgType.AUDIO, rid) + b"".join(items)], "audio_own_mixed", rid, None)
+
+    def build_audio_too_many_items(self, s: FuzzSocket, rng: random.Random) -> Msg:
+        """More than max_items_per_message items: valid chunks for the socket's own streams (each
+        would get a RESULTS item if it were used), foreign ones, empty ones, sometimes a lying
+        tail past the limit: refused whole, one LIMIT, nothing used."""
+        rid = s.rid()
+        items = []
+        own = s.own()
+        for _ in range(rng.choice([MAX_ITEMS + 1, MAX_ITEMS + 2, rng.randrange(MAX_ITEMS + 1, 8 * MAX_ITEMS)])):
+            if rng.random() < 0.2:
+                items += self._foreign_items(s, rng, rid, 1)
+                continue
+            sid = rng.choice(sorted(own))
+            pcm = _pcm(own[sid], rng.choice([0, 1, 100, 512, 1024]), rng, self.speech)
+            items.append(P.AUDIO_ITEM.pack(sid, rid, own[sid], len(pcm)) + pcm)
+        while len(items) > MAX_ITEMS + 1 and sum(map(len, items)) > MAX_MESSAGE_BYTES - 64:
+            items.pop()  # over the item limit, not over max_message_bytes
+        if rng.random() < 0.3:
+            items.append(P.AUDIO_ITEM.pack(rng.choice(sorted(s.base)), rid, DType.INT16, 2**31))
+        return Msg([P.header(MsgType.AUDIO, rid) + b"".join(items)], "audio_too_many_items", rid,
+                   [frozenset({ErrorCode.LIMIT})])
 
     def build_open_hostile_json(self, s: FuzzSocket, rng: random.Random, body: dict[str, Any]) -> Msg:
         """OPEN with hypothesis-built JSON; it may even be valid (the stream then gets audio)."""

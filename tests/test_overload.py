@@ -48,6 +48,9 @@ RECOVERY_SHARE = 0.35  # of the capacity the overload showed: headroom for other
 BUCKET_S = 0.5
 PING_LIMIT_S = 1.0
 RSS_GROWTH_LIMIT_MIB = 50
+# Items of one gateway message: under the engine's defaults (max_items_per_message 1024, and
+# max_message_bytes 1 MiB: 1008 one-frame items); 2x a fast machine's capacity may be more streams.
+ITEMS_PER_MESSAGE = 1000
 
 
 # ---- the load process -----------------------------------------------------------------------
@@ -197,8 +200,9 @@ def paced_load(endpoint: str, baseline: int, high: int, batched: bool, first_id:
             due[i] += PERIOD_S
             if due[i] < now:  # this process fell behind: skip ahead, keep the phase
                 due[i] += PERIOD_S * math.ceil((now - due[i]) / PERIOD_S)
-        for group in ([items] if items else []) if batched else [[item] for item in items]:
-            sock.send(P.encode_audio(0, group))
+        step = ITEMS_PER_MESSAGE if batched else 1  # a gateway: as few messages as the engine takes
+        for start in range(0, len(items), step):
+            sock.send(P.encode_audio(0, items[start:start + step]))
         paused = due[active:] < now  # paused streams keep their phase for when they resume
         due[active:][paused] += PERIOD_S * np.ceil((now - due[active:][paused]) / PERIOD_S)
         drain()
