@@ -28,7 +28,7 @@ SETTING_HELP = {
     "intra_op_threads": "onnxruntime intra-op threads per worker",
     "max_streams": "streams the engine holds at once, all connections together",
     "max_batch": "most frames a worker runs in one batch",
-    "batch_delay_us": "wait up to this long for a fuller batch; 0 runs whatever is ready",
+    "batch_delay_us": "let the oldest queued frame wait up to this long for a fuller batch (the worker sleeps meanwhile); 0 runs whatever is ready",
     "spin_us": "busy-wait this long for more work before blocking on a doorbell",
     "ring_mib": "size of each worker's input ring (MiB)",
     "ready_timeout_s": "how long workers may take to load and warm the model",

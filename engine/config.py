@@ -22,7 +22,7 @@ class ServeConfig:
     intra_op_threads: int = 1
     max_streams: int = 4096
     max_batch: int = 512
-    batch_delay_us: int = 0
+    batch_delay_us: int = 2000
     spin_us: int = 50
     ring_mib: int = 8
     ready_timeout_s: float = 120.0

@@ -38,6 +38,9 @@ from transport.shm import Segment
 log = logging.getLogger("ringserve.worker")
 _NEVER = 1 << 62  # a due time no frame reaches
 _RECHECK_S = 5.0  # bounds the cost of any lost wake-up; normal wake-ups come from the doorbell
+_RATE_WINDOW_NS = 250_000_000  # how often the arrival rate that decides batching waits is re-measured
+_GATHER_MIN_FRAMES = 2.0  # wait for a fuller batch only if at least this many more frames are expected
+_GATHER_ENOUGH = 64  # beyond this batch size a frame costs the model no less: stop waiting
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,9 @@ class Worker:
         self.stats = stats
         self.records: collections.deque[_Record] = collections.deque()
         self.queues: dict[int, collections.deque[_Pending]] = {}
+        self.window_start_ns = time.monotonic_ns()
+        self.window_frames = 0
+        self.arrival_fps = 0.0
 
     def drain_input(self) -> None:
         while (item := self.in_ring.next_record()) is not None:
@@ -101,6 +107,7 @@ class Worker:
                     self.stats.counters[REPLAYED] += 1
                     continue
                 rec.remaining += 1
+                self.window_frames += 1
                 queue = self.queues.get(slot)
                 if queue is None:
                     queue = self.queues[slot] = collections.deque()
@@ -187,6 +194,23 @@ class Worker:
         del out, view
         self.out_ring.commit()
 
+    def gather(self, delay_ns: int) -> None:
+        """Let the oldest queued frame wait up to ``delay_ns`` for a fuller batch.
+
+        Silero costs ~150 us per call however small the batch, so on a busy worker a few
+        milliseconds of waiting halve the CPU each frame costs; on a quiet one nothing more would
+        arrive, so it does not wait (the arrival rate decides). It sleeps rather than spins:
+        the frames it waits for come from a front-end that needs a core.
+        """
+        now = time.monotonic_ns()
+        if now - self.window_start_ns >= _RATE_WINDOW_NS:
+            self.arrival_fps = self.window_frames * 1e9 / (now - self.window_start_ns)
+            self.window_start_ns, self.window_frames = now, 0
+        wait_ns = self.records[0].enqueued_ns + delay_ns - now
+        if wait_ns > 0 and self.arrival_fps * wait_ns / 1e9 >= _GATHER_MIN_FRAMES:
+            time.sleep(wait_ns / 1e9)
+            self.drain_input()
+
     def serve(self, death_fd: int) -> None:
         spin_s = self.cfg.spin_us / 1e6
         delay_ns = self.cfg.batch_delay_us * 1000
@@ -198,13 +222,8 @@ class Worker:
                 if death_fd in ready:
                     return
                 continue
-            if delay_ns and len(self.queues) < self.cfg.max_batch:
-                # Gather until the oldest queued frame has waited batch_delay_us, sleeping rather
-                # than spinning: the frames we wait for come from a front-end that needs a core.
-                wait_ns = self.records[0].enqueued_ns + delay_ns - time.monotonic_ns()
-                if wait_ns > 0:
-                    time.sleep(wait_ns / 1e9)
-                    self.drain_input()
+            if delay_ns and len(self.queues) < min(self.cfg.max_batch, _GATHER_ENOUGH):
+                self.gather(delay_ns)
             busy_from = time.monotonic_ns()
             self.run_batch()
             counters[BUSY_NS] += time.monotonic_ns() - busy_from

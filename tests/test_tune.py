@@ -35,8 +35,9 @@ import pytest
 from bench import tune as T
 from tests.conftest import REPO
 
-DEFAULT = T.Knobs(workers=2, intra_op_threads=1, max_batch=512, batch_delay_us=0, spin_us=50)
-PEAK = T.Knobs(workers=3, intra_op_threads=1, max_batch=128, batch_delay_us=0, spin_us=200)
+DEFAULT_DELAY_US = T.Knobs.default().batch_delay_us
+DEFAULT = T.Knobs(workers=2, intra_op_threads=1, max_batch=512, batch_delay_us=DEFAULT_DELAY_US, spin_us=50)
+PEAK = T.Knobs(workers=3, intra_op_threads=1, max_batch=128, batch_delay_us=DEFAULT_DELAY_US, spin_us=200)
 
 
 def landscape(peak: T.Knobs) -> Callable[[T.Knobs], float]:
@@ -142,7 +143,7 @@ def test_quick_mode_stays_within_its_evaluation_and_time_budget() -> None:
     explored = [c for c in measure.calls if c[1] != "final"]
     assert len(explored) == plan.max_evals  # cheap evaluations: the evaluation budget binds
     assert {k.max_batch for k, _ in explored} | {k.spin_us for k, _ in explored}  # climbs a quick knob
-    assert all(k.intra_op_threads == 1 and k.batch_delay_us == 0 for k, _ in explored)  # not a quick knob
+    assert all(k.intra_op_threads == 1 and k.batch_delay_us == DEFAULT_DELAY_US for k, _ in explored)  # not a quick knob
     assert result.final_order == list(result.final)  # one round, still every finalist measured again
     assert [c for c in measure.calls if c[1] == "final"] == [(k, "final") for k in result.final_order]
 
@@ -301,7 +302,7 @@ def test_tuned_file_round_trips_into_print_config(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     shown = tomllib.loads(done.stdout)["serve"]
     assert (shown["workers"], shown["max_batch"], shown["spin_us"]) == (1, 128, 200)
-    assert shown["batch_delay_us"] == 0 and shown["intra_op_threads"] == 1  # untouched defaults
+    assert shown["batch_delay_us"] == DEFAULT_DELAY_US and shown["intra_op_threads"] == 1  # untouched defaults
     assert f"max_batch = 128  # from {path}" in done.stdout
     # flags override the file
     done = _serve("--config", str(path), "--max-batch", "64", "--print-config")
