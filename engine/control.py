@@ -268,7 +268,8 @@ class StreamTable:
         read time is its arrival time; each such message anchors the stream's audio clock. When
         it falls behind, a live stream's chunk arrived when its audio did by that clock, but not
         before the socket was last empty, nor after now (a sender faster than real time, or one
-        that paused, is judged by those bounds).
+        that paused, is judged by those bounds). A chunk refused after this still moved the
+        clock: the clock models the sender, whose audio moved on either way.
         """
         stream.audio_ns += samples * stream.ns_per_sample
         drained = self.drained_ns
