@@ -197,10 +197,11 @@ class StreamTable:
         # Each item costs the front-end tens of microseconds however small it is: a message with
         # too many is refused whole, as is a malformed one, before any item of it is used.
         limit = self.max_items_per_message
-        if P.count_audio_items(msg, limit) > limit:
+        items = P.audio_items(msg, limit)
+        if len(items) > limit:
             raise ProtocolError(ErrorCode.LIMIT, f"message holds more than max_items_per_message={limit} "
                                 "audio items; send fewer streams' chunks per message")
-        for stream_id, chunk_seq, dtype, offset, nbytes in P.iter_audio_items(msg):
+        for stream_id, chunk_seq, dtype, offset, nbytes in items:
             try:
                 self._audio_item(identity, request_id, stream_id, chunk_seq, dtype, msg, offset, nbytes)
             except ProtocolError as exc:
@@ -245,7 +246,7 @@ class StreamTable:
                                     "used; retry later, or add workers")
             shed = True  # its worker's queue is full: these frames could not run in time either
             self.counters["frames_shed_queue_full"] += new_frames
-        stream.last_active = time.monotonic()
+        stream.last_active = now_ns / 1e9  # time.monotonic(), without reading the clock again
         count = stream.append(samples)
         self.counters["frames_in"] += count
         chunk = PendingChunk(chunk_seq, request_id, stream.next_seq, arrived=arrived_ns / 1e9)

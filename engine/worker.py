@@ -107,11 +107,11 @@ class Worker:
                     self.stats.counters[REPLAYED] += 1
                     continue
                 rec.remaining += 1
-                self.window_frames += 1
                 queue = self.queues.get(slot)
                 if queue is None:
                     queue = self.queues[slot] = collections.deque()
                 queue.append((rec, row, seq, slot, bool(flags[row] & records.FLAG_FRESH), due0 + row * frame_ns))
+            self.window_frames += rec.remaining
             self.records.append(rec)
 
     def run_batch(self) -> None:
@@ -198,7 +198,7 @@ class Worker:
         """Let the oldest queued frame wait up to ``delay_ns`` for a fuller batch.
 
         Silero costs ~150 us per call however small the batch, so on a busy worker a few
-        milliseconds of waiting halve the CPU each frame costs; on a quiet one nothing more would
+        milliseconds of waiting lower the CPU each frame costs; on a quiet one nothing more would
         arrive, so it does not wait (the arrival rate decides). It sleeps rather than spins:
         the frames it waits for come from a front-end that needs a core.
         """

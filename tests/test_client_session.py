@@ -56,7 +56,7 @@ def sent(outputs: list[Output]) -> list[bytes]:
 
 def audio_items(msg: bytes) -> list[tuple[int, int, int, int, bytes]]:
     _, request_id = P.parse_header(msg)
-    return [(request_id, sid, seq, dtype, msg[off:off + n]) for sid, seq, dtype, off, n in P.iter_audio_items(msg)]
+    return [(request_id, sid, seq, dtype, msg[off:off + n]) for sid, seq, dtype, off, n in P.audio_items(msg)]
 
 
 def open_stream(session: Session, clock: Clock, **kwargs: Any) -> StreamCore:

@@ -349,7 +349,10 @@ def test_overload_sheds_stays_responsive_and_recovers(tmp_path: Path, bottleneck
         in_workers = sum(w["shed_frames"] for w in stats["workers"]) - sum(
             w["shed_frames"] for w in stats_before["workers"])
         assert in_workers + at_intake == shed
-        if batched:  # the front-end fell behind and caught up by shedding at intake
+        # The front-end fell behind and caught up by shedding at intake. Checked when the overload
+        # really was ~2x what the engine answered: a slow spell of the shared machine while the
+        # capacity was measured can make "2x" a mild overload the worker absorbs on its own.
+        if batched and high >= 1.8 * under_load:
             assert at_intake > 0.1 * shed, (at_intake, shed)
         # Recovery, by itself: within SETTLE_S no more shedding, and no queue: the median answered
         # frame is back far under the budget (it sat at about half of it during the overload). The

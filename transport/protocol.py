@@ -15,7 +15,7 @@ import enum
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +24,6 @@ VERSION = 1
 HEADER = struct.Struct("<2sBBI")
 STREAM_ID = struct.Struct("<I")
 AUDIO_ITEM = struct.Struct("<IIII")  # stream_id, chunk_seq, dtype, nbytes; then nbytes of PCM
-_ITEM_NBYTES = struct.Struct("<12xI")  # an AUDIO_ITEM's nbytes alone
 RESULT_ITEM = struct.Struct("<IIQIHH")  # stream_id, chunk_seq, first_frame, n_frames, n_events, flags
 EVENT_ITEM = struct.Struct("<IIQ")  # kind, frame, sample
 ERROR_BODY = struct.Struct("<IIH")  # stream_id, chunk_seq, code; then UTF-8 text
@@ -140,13 +139,21 @@ def encode_stream_op(msg_type: MsgType, request_id: int, stream_id: int) -> byte
     return header(msg_type, request_id) + STREAM_ID.pack(stream_id)
 
 
-def iter_audio_items(msg: bytes | memoryview) -> Iterator[tuple[int, int, int, int, int]]:
-    """(stream_id, chunk_seq, dtype, offset, nbytes) per item; validates every length."""
+def audio_items(msg: bytes | memoryview, limit: int | None = None) -> list[tuple[int, int, int, int, int]]:
+    """(stream_id, chunk_seq, dtype, offset, nbytes) per item, every length validated.
+
+    With ``limit``, it stops after ``limit + 1`` items: enough for the caller to refuse the
+    message, at a cost bounded by the limit rather than by the message's size. A malformed
+    item within the part walked raises ProtocolError, so a message is refused before any item
+    of it is used.
+    """
     offset = HEADER.size
     end = len(msg)
     if offset == end:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "AUDIO message carries no items")
-    while offset < end:
+    stop = end if limit is None else limit + 1
+    items: list[tuple[int, int, int, int, int]] = []
+    while offset < end and len(items) < stop:
         if end - offset < AUDIO_ITEM.size:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"truncated audio item header at byte {offset}")
         stream_id, chunk_seq, dtype, nbytes = AUDIO_ITEM.unpack_from(msg, offset)
@@ -154,31 +161,9 @@ def iter_audio_items(msg: bytes | memoryview) -> Iterator[tuple[int, int, int, i
         if nbytes > end - offset:
             raise ProtocolError(ErrorCode.BAD_MESSAGE,
                                 f"audio item claims {nbytes} bytes but only {end - offset} follow")
-        yield stream_id, chunk_seq, dtype, offset, nbytes
+        items.append((stream_id, chunk_seq, dtype, offset, nbytes))
         offset += nbytes
-
-
-def count_audio_items(msg: bytes | memoryview, limit: int) -> int:
-    """How many items an AUDIO message holds, walking only their headers, but no further than
-    ``limit + 1`` of them: enough to refuse the message, at a cost bounded by the limit rather
-    than by the message's size. Raises ProtocolError, as iter_audio_items does, for a message
-    malformed within the part walked, so that it can be refused before any item is used."""
-    offset = HEADER.size
-    end = len(msg)
-    if offset == end:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, "AUDIO message carries no items")
-    size, nbytes_at, count = AUDIO_ITEM.size, _ITEM_NBYTES.unpack_from, 0
-    while offset < end and count <= limit:
-        if end - offset < size:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"truncated audio item header at byte {offset}")
-        nbytes = nbytes_at(msg, offset)[0]
-        offset += size
-        if nbytes > end - offset:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE,
-                                f"audio item claims {nbytes} bytes but only {end - offset} follow")
-        offset += nbytes
-        count += 1
-    return count
+    return items
 
 
 def parse_stream_id(msg: bytes | memoryview) -> int:
