@@ -31,6 +31,9 @@ from transport.ring import Ring
 log = logging.getLogger("ringserve.frontend")
 _HOUSEKEEPING_S = 0.05
 _MAX_RESTART_FAILURES = 5
+# Reading stops after this long so that results waiting in the output rings go back: a few
+# costly messages (1,024 items each) must not hold every other stream's answers.
+_PUMP_NS = 2_000_000
 
 
 class WorkerLink:
@@ -158,9 +161,13 @@ class FrontEnd:
 
     # ---- the loop --------------------------------------------------------------------
     def pump_router(self, budget: int = 64) -> int:
-        """Take up to ``budget`` client messages; small, so results flow back between bursts."""
-        router, handle = self.router, self.table.on_message
+        """Take up to ``budget`` client messages, or what arrives within _PUMP_NS; small, so
+        results flow back between bursts."""
+        router, handle, clock = self.router, self.table.on_message, time.monotonic_ns
+        stop_at = clock() + _PUMP_NS
         for n in range(budget):
+            if n and clock() > stop_at:
+                return n
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

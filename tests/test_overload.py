@@ -51,6 +51,9 @@ RSS_GROWTH_LIMIT_MIB = 50
 # Items of one gateway message: under the engine's defaults (max_items_per_message 1024, and
 # max_message_bytes 1 MiB: 1008 one-frame items); 2x a fast machine's capacity may be more streams.
 ITEMS_PER_MESSAGE = 1000
+# The burst of the intake test: ~15 ms of front-end work per message on a 2.5 GHz core.
+FLOOD_MESSAGES = 80
+FLOOD_TEST_S = 4.0
 
 
 # ---- the load process -----------------------------------------------------------------------
@@ -349,11 +352,9 @@ def test_overload_sheds_stays_responsive_and_recovers(tmp_path: Path, bottleneck
         in_workers = sum(w["shed_frames"] for w in stats["workers"]) - sum(
             w["shed_frames"] for w in stats_before["workers"])
         assert in_workers + at_intake == shed
-        # The front-end fell behind and caught up by shedding at intake. Checked when the overload
-        # really was ~2x what the engine answered: a slow spell of the shared machine while the
-        # capacity was measured can make "2x" a mild overload the worker absorbs on its own.
-        if batched and high >= 1.8 * under_load:
-            assert at_intake > 0.1 * shed, (at_intake, shed)
+        # Where frames are shed (worker or intake) depends on which part saturates first, and on a
+        # shared machine that varies; the bounded p99 above is what fails if either sheds too
+        # little. Intake shedding on its own: test_frames_queued_behind_a_flood_are_shed_at_intake.
         # Recovery, by itself: within SETTLE_S no more shedding, and no queue: the median answered
         # frame is back far under the budget (it sat at about half of it during the overload). The
         # tail gets slack for scheduling stalls of a shared machine.
@@ -363,6 +364,76 @@ def test_overload_sheds_stays_responsive_and_recovers(tmp_path: Path, bottleneck
         assert rss_peak - rss_before < RSS_GROWTH_LIMIT_MIB
     finally:
         assert daemon.stop() == 0, daemon.log()
+
+
+def test_frames_queued_behind_a_flood_are_shed_at_intake() -> None:
+    """One connection carries a paced stream and, on another of its streams, a burst of costly
+    messages (1,024 tiny items each): the paced frames queue behind the burst in ZeroMQ, and those
+    the front-end reads past their deadline are shed at intake, not sent to a worker; frames sent
+    after the burst are answered on time. Nothing is lost."""
+    daemon = spawn_daemon("--workers", "1", "--shed-after-ms", str(SHED_AFTER_MS))
+    try:
+        with Client(daemon.endpoint, timeout=10) as admin:
+            before = admin.stats()
+        sock = _socket(daemon.endpoint)
+        _open(sock, 1, 1, {})
+        _open(sock, 2, 1, {"shed_after_ms": 0})
+        pcm = (np.random.default_rng(1).standard_normal(512) * 2000).astype("<i2").tobytes()
+        burst = [P.encode_audio(0, [(2, m * 1024 + k + 1, DType.INT16, pcm[:32]) for k in range(1024)])
+                 for m in range(FLOOD_MESSAGES)]
+        sent_at: dict[int, float] = {}
+        outcome: dict[int, tuple[bool, float]] = {}  # chunk -> (shed, latency)
+
+        def take(msg: bytes) -> None:
+            if P.parse_header(msg)[0] != MsgType.RESULTS:
+                return  # the burst's stream is refused in part (LIMIT: too many awaiting results)
+            for stream_id, chunk_seq, flags, probs in _items(msg):
+                if stream_id == 1:
+                    assert len(probs) == 1 and bool(np.isnan(probs[0])) == bool(flags & P.ResultFlag.SHED)
+                    outcome[chunk_seq] = (bool(flags & P.ResultFlag.SHED), time.monotonic() - sent_at[chunk_seq])
+
+        t0 = time.monotonic()
+        burst_at = t0 + 1.0
+        seq = 0
+        while (now := time.monotonic()) < t0 + FLOOD_TEST_S:
+            if now >= t0 + seq * PERIOD_S:
+                seq += 1
+                sent_at[seq] = now
+                sock.send(P.encode_audio(seq, [(1, seq, DType.INT16, pcm)]))
+            if burst and now >= burst_at:
+                for msg in burst:
+                    sock.send(msg)
+                burst = []
+            while sock.poll(0):
+                take(sock.recv())
+            time.sleep(0.002)
+        deadline = time.monotonic() + 30
+        while len(outcome) < seq and time.monotonic() < deadline:
+            if sock.poll(100):
+                take(sock.recv())
+        sock.close(0)
+        with Client(daemon.endpoint, timeout=10) as admin:
+            after = admin.stats()
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+    def delta(name: str) -> int:
+        return int(after["counters"].get(name, 0) - before["counters"].get(name, 0))
+
+    shed = sorted(chunk for chunk, (was_shed, _) in outcome.items() if was_shed)
+    late = [round(latency, 3) for was_shed, latency in outcome.values() if not was_shed and latency > 0.1]
+    print(f"{seq} paced frames: {len(shed)} shed at intake (chunks {shed[:1]}..{shed[-1:]}), "
+          f"answered ones over 100 ms: {late}")
+    assert len(outcome) == seq, "a paced frame got no answer"
+    assert len(shed) >= 3, "the burst did not hold the front-end past the deadline"
+    assert delta("frames_shed_at_intake") == delta("frames_shed") == len(shed)
+    assert sum(w["shed_frames"] for w in after["workers"]) == sum(w["shed_frames"] for w in before["workers"])
+    # The shed frames are those sent early in the burst (they waited longest), one run of them;
+    # the paced frames of the last second, long after the burst, are answered on time.
+    assert shed == list(range(shed[0], shed[-1] + 1))
+    assert sent_at[shed[0]] >= burst_at - PERIOD_S
+    recent = [outcome[chunk][1] for chunk in sent_at if sent_at[chunk] >= t0 + FLOOD_TEST_S - 1.0]
+    assert recent and max(recent) < SHED_AFTER_MS / 1000, recent
 
 
 if __name__ == "__main__":
