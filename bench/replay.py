@@ -1,7 +1,7 @@
 """Multi-mic replay bench: how many real-time microphones does a box hold?
 
 This module is the bench's stable Python API (``ringserve bench`` is its command line, in
-bench/cli.py; bench/tune.py builds on it). Everything returns plain dataclasses whose
+bench/cli.py; bench/tune/ builds on it). Everything returns plain dataclasses whose
 ``to_dict()`` is JSON-ready.
 
     from bench.replay import spawn_engine, raw_fps, measure_point, find_capacity

@@ -164,11 +164,11 @@ def write_csv(report: dict[str, Any], path: str) -> None:
         writer.writerows(rows)
 
 
-def require_matplotlib() -> None:
+def require_matplotlib(command: str = "bench") -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise SystemExit("ringserve bench: --plot needs matplotlib: pip install -e '.[bench]' "
+        raise SystemExit(f"ringserve {command}: --plot needs matplotlib: pip install -e '.[bench]' "
                          "(or: make install, which installs the bench extra)") from None
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 from bench.tune.cli import TUNE_HELP, add_tune_parser, cmd_tune, main, run_tune
 from bench.tune.measure import BenchApi, EngineMeasure, bench_api
 from bench.tune.model import (
-    FRAMES_PER_STREAM_S,
     TUNED_KEYS,
     Diagnostics,
     Knobs,
@@ -52,7 +51,7 @@ from bench.tune.search import Plan, Tuner, TuneResult, make_plan
 from bench.tune.tuned_file import carried_settings, tune_meta, tuned_toml
 
 __all__ = [
-    "FRAMES_PER_STREAM_S", "TUNED_KEYS", "TUNE_HELP", "BenchApi", "Diagnostics", "EngineMeasure", "Knobs",
+    "TUNED_KEYS", "TUNE_HELP", "BenchApi", "Diagnostics", "EngineMeasure", "Knobs",
     "MeasureFn", "Measurement", "Plan", "Progress", "StatsSampler", "TuneResult", "Tuner", "add_tune_parser",
     "bench_api", "busiest_window", "carried_settings", "cmd_tune", "describe", "diagnose", "format_report", "knob_grid",
     "main", "make_plan", "plot_capacity", "request_stats", "result_json", "run_tune", "tune_meta", "tuned_toml",

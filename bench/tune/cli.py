@@ -57,7 +57,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.plot:  # now, not after minutes of tuning
         from bench.report import require_matplotlib
 
-        require_matplotlib()
+        require_matplotlib("tune")
     try:
         api = bench_api()
     except ImportError as exc:

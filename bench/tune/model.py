@@ -9,7 +9,6 @@ from typing import Any
 
 from engine.config import ServeConfig
 
-FRAMES_PER_STREAM_S = 16000 / 512  # 31.25 frames/s: one 512-sample frame per 32 ms at 16 kHz
 TUNED_KEYS = ("workers", "intra_op_threads", "max_batch", "batch_delay_us", "spin_us")
 
 

@@ -43,7 +43,7 @@ def plot_capacity(result: TuneResult, path: str, *, budget_ms: float) -> None:
     by a line), the same-run final re-measures as rings, the recommendation in red."""
     from bench.report import require_matplotlib
 
-    require_matplotlib()
+    require_matplotlib("tune")
     import matplotlib
 
     matplotlib.use("Agg")
