@@ -7,11 +7,12 @@
         async for item in stream.events():          # Event or StreamReset, until closed
             ...
 
-The protocol state lives in :class:`clients.session.Session` (sans-IO), shared with the
-blocking client. Two background tasks run while the client is open: a reader, which
-feeds every message to the session, wakes waiters and runs callbacks, and a ticker, for
-heartbeats and reconnection. Callbacks are plain functions called in the event loop in
-the order items arrive; they must not block.
+The protocol state lives in :class:`clients.session.Session` (sans-IO) and all that does
+not wait in :mod:`clients.base`, both shared with the blocking client; this module awaits.
+Two background tasks run while the client is open: a reader, which feeds every message to
+the session, wakes waiters and runs callbacks, and a ticker, for heartbeats and
+reconnection. Callbacks are plain functions called in the event loop in the order items
+arrive; they must not block.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from typing import Any, Generator
 import zmq
 import zmq.asyncio
 
-from clients.client import DEFAULT_ENDPOINT, deliver
-from clients.errors import EngineTimeout, RingserveError, StreamClosedError
+from clients.base import (CLOSE_LINGER_MS, DEFAULT_ENDPOINT, BaseClient, BasePending, BaseStream, connect_dealer,
+                          deliver)
+from clients.bookkeeping import Request, StreamCore, StreamOptions, StreamState, Ticket
+from clients.errors import EngineTimeout, RingserveError
 from clients.results import Event, Result, StreamReset, Utterance
-from clients.session import (PCM, ConnState, Emit, NewSocket, Output, Request, Send, Session, StreamCore,
-                             StreamOptions, StreamState, Ticket, Wake)
-from transport import protocol as P
+from clients.session import PCM, Emit, NewSocket, Output, Send, Wake
 
 log = logging.getLogger("ringserve.client")
 
@@ -42,7 +43,7 @@ def _consume(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-class AsyncClient:
+class AsyncClient(BaseClient):
     """An asyncio connection to the engine; use ``async with`` (or ``await start()`` / ``aclose()``).
 
     Same parameters as :class:`clients.Client`: ``timeout`` (default per-call timeout),
@@ -52,17 +53,13 @@ class AsyncClient:
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 10.0, *,
                  heartbeat: float | None = 2.0, heartbeat_timeout: float = 6.0, reconnect: bool = True,
                  curve: tuple[str, str] | None = None) -> None:
-        self.endpoint = endpoint
-        self._curve = curve
-        self.timeout = timeout
-        self._session = Session(now=time.monotonic(), heartbeat_interval=heartbeat,
-                                heartbeat_timeout=heartbeat_timeout, reconnect=reconnect)
+        super().__init__(endpoint, timeout, heartbeat=heartbeat, heartbeat_timeout=heartbeat_timeout,
+                         reconnect=reconnect, curve=curve)
         self._context = zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._poke: asyncio.Event | None = None
-        self._closed = False
         self.callback_errors = 0
 
     async def __aenter__(self) -> AsyncClient:
@@ -78,7 +75,7 @@ class AsyncClient:
             raise RingserveError("the client is closed")
         if self._socket is None:
             self._poke = asyncio.Event()
-            self._socket = self._new_socket()
+            self._socket = connect_dealer(self._context, self.endpoint, self._curve)
             self._reader = asyncio.create_task(self._read_loop(self._socket), name="ringserve-reader")
             self._ticker = asyncio.create_task(self._tick_loop(), name="ringserve-ticker")
 
@@ -89,9 +86,8 @@ class AsyncClient:
         self._closed = True
         sock = self._socket
         if sock is not None:
-            for core in list(self._session.streams.values()):
-                if core.state is StreamState.OPEN:
-                    self._send(P.encode_stream_op(P.MsgType.CLOSE, self._session.new_id(), core.stream_id))
+            for payload in self._session.farewells():
+                self._send(payload)
         for task in (self._reader, self._ticker):
             if task is not None and not task.done():
                 task.cancel()
@@ -100,43 +96,10 @@ class AsyncClient:
                 except asyncio.CancelledError:
                     pass
         if sock is not None:
-            sock.close(200 if self._session.state is ConnState.CONNECTED else 0)
+            sock.close(CLOSE_LINGER_MS if self.connected else 0)
         self._socket = None
         for core in self._session.streams.values():  # wake iterators so they can end
             _wake_stream(core)
-
-    def _new_socket(self) -> zmq.asyncio.Socket:
-        sock = self._context.socket(zmq.DEALER)
-        try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
-            sock.setsockopt(zmq.SNDHWM, 0)
-            if self._curve is not None:
-                from transport.security import enable_client_curve
-
-                enable_client_curve(sock, *self._curve)
-            sock.connect(self.endpoint)
-        except BaseException:
-            sock.close(0)
-            raise
-        return sock
-
-    # ---- state --------------------------------------------------------------------------
-    @property
-    def session(self) -> Session:
-        return self._session
-
-    @property
-    def notices(self) -> list[RingserveError]:
-        return self._session.notices
-
-    @property
-    def connected(self) -> bool:
-        return self._session.state is ConnState.CONNECTED
-
-    @property
-    def reconnects(self) -> int:
-        return self._session.counters.reconnects
 
     # ---- plumbing ----------------------------------------------------------------------
     def _send(self, payload: bytes) -> None:
@@ -169,7 +132,7 @@ class AsyncClient:
 
     def _replace_socket(self) -> None:
         old, reader = self._socket, self._reader
-        self._socket = self._new_socket()
+        self._socket = connect_dealer(self._context, self.endpoint, self._curve)
         self._reader = asyncio.create_task(self._read_loop(self._socket), name="ringserve-reader")
         if reader is not None and reader is not asyncio.current_task():
             reader.cancel()
@@ -202,15 +165,6 @@ class AsyncClient:
                 self._poke.clear()
             self._io(session.tick(time.time(), time.monotonic()))
 
-    def _deadline(self, timeout: float | None) -> float:
-        return time.monotonic() + (self.timeout if timeout is None else timeout)
-
-    def _timeout_text(self, what: str) -> str:
-        state = self._session.state
-        hint = "" if state is ConnState.CONNECTED else (
-            f"; the connection was lost ({self._session.lost_reason}) and the client is {state.value}")
-        return f"no reply from {self.endpoint} {what}{hint}; is `ringserve serve` running there?"
-
     async def _wait_target(self, target: Ticket | Request, deadline: float, what: str) -> None:
         while not target.done:
             if target.waiter is None or target.waiter.done():
@@ -226,9 +180,7 @@ class AsyncClient:
 
     async def _wait_request(self, request: Request, deadline: float, what: str) -> Any:
         await self._wait_target(request, deadline, what)
-        if request.error is not None:
-            raise request.error
-        return request.value
+        return request.outcome()
 
     async def _wait_stream(self, core: StreamCore, cond: Callable[[], bool], deadline: float | None,
                            what: str) -> None:
@@ -255,8 +207,7 @@ class AsyncClient:
             await self._wait_stream(core, lambda c=core: c.finished or (c.ready and c.has_room),  # type: ignore[misc]
                                     deadline, f"for room in the window of stream {core.stream_id}")
             if core.finished:
-                raise StreamClosedError(f"stream {core.stream_id} is {core.state.value}"
-                                        + (f": {core.error}" if core.error else ""), core.stream_id)
+                raise core.closed_error()
 
     # ---- API ---------------------------------------------------------------------------
     async def open_stream(self, sample_rate: int = 16000, dtype: str = "int16", stream_id: int | None = None,
@@ -272,12 +223,9 @@ class AsyncClient:
         options = StreamOptions(window=window, keep_audio=keep_audio, on_result=on_result, on_event=on_event,
                                 on_utterance=on_utterance, on_reset=on_reset, on_error=on_error)
         deadline = self._deadline(timeout)
-        core, request, payload = self._session.open_stream(sample_rate, dtype, stream_id, dict(vad), options,
-                                                           time.monotonic(), shed_after_ms)
-        self._send(payload)
+        core, request, what = self._send_open(sample_rate, dtype, stream_id, shed_after_ms, options, vad, deadline)
         try:
-            await self._wait_request(request, deadline, f"within {deadline - request.sent_at:.1f} s "
-                                     f"(opening stream {core.stream_id})")
+            await self._wait_request(request, deadline, what)
         except (EngineTimeout, asyncio.CancelledError):
             self._session.abandon(core)
             raise
@@ -289,23 +237,18 @@ class AsyncClient:
         only while a stream's window is full."""
         pairs = [(stream._core, pcm) for stream, pcm in chunks]
         await self._ready([core for core, _ in pairs], self._deadline(timeout))
-        tickets, messages = self._session.submit(pairs, time.monotonic())
-        for payload in messages:
-            self._send(payload)
-        return [AsyncPending(self, ticket) for ticket in tickets]
+        return [AsyncPending(self, ticket) for ticket in self._send_chunks(pairs)]
 
     async def ping(self, timeout: float | None = None) -> float:
         """Round-trip time in seconds."""
         await self.start()
-        request, payload = self._session.ping(time.monotonic())
-        self._send(payload)
+        request = self._send_request(*self._session.ping(time.monotonic()))
         value: float = await self._wait_request(request, self._deadline(timeout), "to a PING")
         return value
 
     async def stats(self, timeout: float | None = None) -> dict[str, Any]:
         await self.start()
-        request, payload = self._session.stats(time.monotonic())
-        self._send(payload)
+        request = self._send_request(*self._session.stats(time.monotonic()))
         value: dict[str, Any] = await self._wait_request(request, self._deadline(timeout), "to a STATS request")
         return value
 
@@ -332,58 +275,14 @@ def _wake_stream(core: StreamCore) -> None:
         event.set()
 
 
-class AsyncStream:
+class AsyncStream(BaseStream[AsyncClient]):
     """One audio stream on an :class:`AsyncClient`."""
 
-    def __init__(self, client: AsyncClient, core: StreamCore) -> None:
-        self.client = client
-        self._core = core
-
-    # ---- state (as clients.Stream) --------------------------------------------------------
-    @property
-    def stream_id(self) -> int:
-        return self._core.stream_id
-
-    @property
-    def info(self) -> dict[str, Any]:
-        return self._core.info
-
-    @property
-    def sample_rate(self) -> int:
-        return self._core.sample_rate
-
-    @property
-    def frame_samples(self) -> int:
-        return self._core.frame_samples
-
-    @property
-    def state(self) -> StreamState:
-        return self._core.state
-
-    @property
-    def closed(self) -> bool:
-        return self._core.finished or self._core.state is StreamState.CLOSING
-
+    # ---- state (the rest is BaseStream's) -------------------------------------------------
     @property
     def history(self) -> list[Event]:
         """Every event so far (the last ``history`` of them), in order."""
         return list(self._core.history)
-
-    @property
-    def epoch(self) -> int:
-        return self._core.epoch
-
-    @property
-    def in_flight(self) -> int:
-        return self._core.tickets_in_flight
-
-    @property
-    def in_speech(self) -> bool:
-        return self._core.in_speech
-
-    @property
-    def kept_samples(self) -> int:
-        return self._core.keeper.kept_samples if self._core.keeper is not None else 0
 
     # ---- audio --------------------------------------------------------------------------
     async def send(self, pcm: PCM, timeout: float | None = None) -> list[Result]:
@@ -399,12 +298,10 @@ class AsyncStream:
 
     async def reset(self, timeout: float | None = None) -> None:
         """Start over: offsets and frames count from 0 again (a StreamReset marks the point)."""
-        client, core = self.client, self._core
+        client = self.client
         deadline = client._deadline(timeout)
-        await client._ready([core], deadline)
-        request, payload = client._session.reset(core, time.monotonic())
-        client._send(payload)
-        await client._wait_request(request, deadline, f"to RESET of stream {core.stream_id}")
+        await client._ready([self._core], deadline)
+        await client._wait_request(self._send_reset(), deadline, f"to RESET of stream {self.stream_id}")
 
     async def close(self, timeout: float | None = None) -> list[Result]:
         """Flush (the last partial frame is zero-padded) and close; returns the final results."""
@@ -414,9 +311,7 @@ class AsyncStream:
         deadline = client._deadline(timeout)
         await client._wait_stream(core, lambda: core.state not in (StreamState.OPENING, StreamState.RESETTING),
                                   deadline, f"while stream {core.stream_id} resets")
-        request, payload = client._session.close(core, time.monotonic())
-        if payload is not None:
-            client._send(payload)
+        request = self._send_close()
         _wake_stream(core)
         if request is None:
             return []
@@ -450,27 +345,14 @@ class AsyncStream:
             await _stream_event(core).wait()
 
 
-class AsyncPending:
+class AsyncPending(BasePending[AsyncClient]):
     """Results of a submitted chunk; ``await pending`` (or ``await pending.result(timeout)``)."""
-
-    def __init__(self, client: AsyncClient, ticket: Ticket) -> None:
-        self.client = client
-        self.ticket = ticket
-
-    def done(self) -> bool:
-        return self.ticket.done
-
-    @property
-    def latency(self) -> float:
-        return self.ticket.latency
 
     async def result(self, timeout: float | None = None) -> list[Result]:
         ticket = self.ticket
         await self.client._wait_target(ticket, self.client._deadline(timeout),
                                        f"to a chunk of stream {ticket.stream.stream_id}")
-        if ticket.error is not None:
-            raise ticket.error
-        return ticket.results
+        return ticket.outcome()
 
     def __await__(self) -> Generator[Any, None, list[Result]]:
         return self.result().__await__()

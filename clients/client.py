@@ -6,12 +6,13 @@
             print(result.frame, result.probability, result.events)
         stream.close()
 
-The protocol state lives in :class:`clients.session.Session` (sans-IO); this module only
-moves bytes and waits. Nothing runs in the background: replies are read, callbacks run,
-heartbeats go out and a lost daemon is reconnected while a call waits (``send``,
-``submit`` with a full window, ``result``, ``close``, ``poll``, ``drain`` ...). A program
-that streams fire-and-forget should call ``client.poll()`` regularly (``ringserve mic``
-does, once per captured block).
+The protocol state lives in :class:`clients.session.Session` (sans-IO) and all that does
+not wait in :mod:`clients.base`, both shared with the asyncio client; this module only
+waits. Nothing runs in the background: replies are read, callbacks run, heartbeats go out
+and a lost daemon is reconnected while a call waits (``send``, ``submit`` with a full
+window, ``result``, ``close``, ``poll``, ``drain`` ...). A program that streams
+fire-and-forget should call ``client.poll()`` regularly (``ringserve mic`` does, once per
+captured block).
 """
 
 from __future__ import annotations
@@ -23,39 +24,20 @@ from typing import Any
 import numpy as np
 import zmq
 
-from clients.errors import EngineTimeout, RingserveError, StreamClosedError, from_wire
+from clients.base import (CLOSE_LINGER_MS, DEFAULT_ENDPOINT, BaseClient, BasePending, BaseStream, connect_dealer,
+                          deliver)
+from clients.bookkeeping import Request, StreamCore, StreamOptions, StreamState
+from clients.errors import EngineTimeout, RingserveError, from_wire
 from clients.results import Event, Result, StreamReset, Utterance
-from clients.session import (PCM, VAD_KEYS, ConnState, Emit, NewSocket, Output, Request, Send, Session,
-                             StreamCore, StreamOptions, StreamState, Ticket)
+from clients.session import PCM, VAD_KEYS, Emit, NewSocket, Output, Send
 from transport import protocol as P
 
 __all__ = ["DEFAULT_ENDPOINT", "Client", "Event", "Pending", "Result", "Stream", "StreamReset", "Utterance"]
 
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 _VAD_KEYS = VAD_KEYS  # kept for callers of the first client
-_CLOSE_LINGER_MS = 200
 
 
-def deliver(emit: Emit) -> None:
-    """Run the stream callback registered for an emitted item (shared with the async client)."""
-    options, item = emit.stream.options, emit.item
-    if isinstance(item, Result):
-        if options.on_result is not None:
-            options.on_result(item)
-    elif isinstance(item, Event):
-        if options.on_event is not None:
-            options.on_event(item)
-    elif isinstance(item, Utterance):
-        if options.on_utterance is not None:
-            options.on_utterance(item)
-    elif isinstance(item, StreamReset):
-        if options.on_reset is not None:
-            options.on_reset(item)
-    elif options.on_error is not None:
-        options.on_error(item)
-
-
-class Client:
+class Client(BaseClient):
     """A blocking connection to the engine.
 
     ``timeout``: default per-call timeout in seconds (every call takes its own ``timeout=``).
@@ -70,30 +52,10 @@ class Client:
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 10.0, *,
                  heartbeat: float | None = 2.0, heartbeat_timeout: float = 6.0, reconnect: bool = True,
                  curve: tuple[str, str] | None = None) -> None:
-        self.endpoint = endpoint
-        self._curve = curve
-        self.timeout = timeout
-        self._session = Session(now=time.monotonic(), heartbeat_interval=heartbeat,
-                                heartbeat_timeout=heartbeat_timeout, reconnect=reconnect)
+        super().__init__(endpoint, timeout, heartbeat=heartbeat, heartbeat_timeout=heartbeat_timeout,
+                         reconnect=reconnect, curve=curve)
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        self._socket = self._new_socket()
-        self._closed = False
-
-    def _new_socket(self) -> zmq.Socket[bytes]:
-        sock = self._context.socket(zmq.DEALER)
-        try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)  # the engine drops replies to a full pipe: never let it fill
-            sock.setsockopt(zmq.SNDHWM, 0)
-            if self._curve is not None:
-                from transport.security import enable_client_curve
-
-                enable_client_curve(sock, *self._curve)
-            sock.connect(self.endpoint)
-        except BaseException:
-            sock.close(0)
-            raise
-        return sock
+        self._socket = connect_dealer(self._context, endpoint, curve)
 
     def __enter__(self) -> Client:
         return self
@@ -107,45 +69,27 @@ class Client:
             return
         self._closed = True
         try:
-            for core in list(self._session.streams.values()):
-                if core.state is StreamState.OPEN:
-                    self._socket.send(P.encode_stream_op(P.MsgType.CLOSE, self._session.new_id(), core.stream_id),
-                                      zmq.NOBLOCK)
+            for payload in self._session.farewells():
+                self._socket.send(payload, zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
-        self._socket.close(_CLOSE_LINGER_MS if self._session.state is ConnState.CONNECTED else 0)
-
-    # ---- state --------------------------------------------------------------------------
-    @property
-    def session(self) -> Session:
-        return self._session
-
-    @property
-    def notices(self) -> list[RingserveError]:
-        """Unsolicited errors, e.g. an idle stream expired."""
-        return self._session.notices
-
-    @property
-    def connected(self) -> bool:
-        """False while the client is reconnecting to a lost daemon."""
-        return self._session.state is ConnState.CONNECTED
-
-    @property
-    def reconnects(self) -> int:
-        return self._session.counters.reconnects
+        self._socket.close(CLOSE_LINGER_MS if self.connected else 0)
 
     def next_request_id(self) -> int:
         return self._session.new_id()
 
     # ---- plumbing ----------------------------------------------------------------------
+    def _send(self, payload: bytes) -> None:
+        self._socket.send(payload)
+
     def _io(self, outputs: list[Output]) -> None:
         failed: BaseException | None = None
         for output in outputs:
             if isinstance(output, Send):
-                self._socket.send(output.payload)
+                self._send(output.payload)
             elif isinstance(output, NewSocket):
                 self._socket.close(0)
-                self._socket = self._new_socket()
+                self._socket = connect_dealer(self._context, self.endpoint, self._curve)
             elif isinstance(output, Emit):
                 try:
                     deliver(output)
@@ -165,9 +109,6 @@ class Client:
             count += 1
             self._io(self._session.receive(msg, time.time(), time.monotonic()))
 
-    def _deadline(self, timeout: float | None) -> float:
-        return time.monotonic() + (self.timeout if timeout is None else timeout)
-
     def _pump(self, done: Callable[[], bool], deadline: float, what: str) -> None:
         """Read, tick and wait until done() or the deadline (EngineTimeout)."""
         session = self._session
@@ -184,17 +125,9 @@ class Client:
                 raise EngineTimeout(self._timeout_text(what))
             self._socket.poll(max(1, int((min(deadline, next_tick) - now) * 1000) + 1), zmq.POLLIN)
 
-    def _timeout_text(self, what: str) -> str:
-        state = self._session.state
-        hint = "" if state is ConnState.CONNECTED else (
-            f"; the connection was lost ({self._session.lost_reason}) and the client is {state.value}")
-        return (f"no reply from {self.endpoint} {what}{hint}; is `ringserve serve` running there?")
-
     def _wait_request(self, request: Request, deadline: float, what: str) -> Any:
         self._pump(lambda: request.done, deadline, what)
-        if request.error is not None:
-            raise request.error
-        return request.value
+        return request.outcome()
 
     def _ready(self, cores: Iterable[StreamCore], deadline: float) -> None:
         """Wait until every stream can take a chunk (open, reopened, room in its window)."""
@@ -206,8 +139,7 @@ class Client:
                    "for room in the stream window")
         for core in cores:
             if core.finished:
-                raise StreamClosedError(f"stream {core.stream_id} is {core.state.value}"
-                                        + (f": {core.error}" if core.error else ""), core.stream_id)
+                raise core.closed_error()
 
     # ---- API ---------------------------------------------------------------------------
     def open_stream(self, sample_rate: int = 16000, dtype: str = "int16", stream_id: int | None = None,
@@ -231,12 +163,9 @@ class Client:
         options = StreamOptions(window=window, keep_audio=keep_audio, on_result=on_result, on_event=on_event,
                                 on_utterance=on_utterance, on_reset=on_reset, on_error=on_error)
         deadline = self._deadline(timeout)
-        core, request, payload = self._session.open_stream(sample_rate, dtype, stream_id, dict(vad), options,
-                                                           time.monotonic(), shed_after_ms)
-        self._socket.send(payload)
+        core, request, what = self._send_open(sample_rate, dtype, stream_id, shed_after_ms, options, vad, deadline)
         try:
-            self._wait_request(request, deadline, f"within {deadline - request.sent_at:.1f} s "
-                               f"(opening stream {core.stream_id})")
+            self._wait_request(request, deadline, what)
         except EngineTimeout:
             self._session.abandon(core)
             raise
@@ -246,21 +175,16 @@ class Client:
         """Submit one chunk to each of several streams in as few messages as possible."""
         pairs = [(stream._core, pcm) for stream, pcm in chunks]
         self._ready((core for core, _ in pairs), self._deadline(timeout))
-        tickets, messages = self._session.submit(pairs, time.monotonic())
-        for payload in messages:
-            self._socket.send(payload)
-        return [Pending(self, ticket) for ticket in tickets]
+        return [Pending(self, ticket) for ticket in self._send_chunks(pairs)]
 
     def ping(self, timeout: float | None = None) -> float:
         """Round-trip time in seconds."""
-        request, payload = self._session.ping(time.monotonic())
-        self._socket.send(payload)
+        request = self._send_request(*self._session.ping(time.monotonic()))
         value: float = self._wait_request(request, self._deadline(timeout), "to a PING")
         return value
 
     def stats(self, timeout: float | None = None) -> dict[str, Any]:
-        request, payload = self._session.stats(time.monotonic())
-        self._socket.send(payload)
+        request = self._send_request(*self._session.stats(time.monotonic()))
         value: dict[str, Any] = self._wait_request(request, self._deadline(timeout), "to a STATS request")
         return value
 
@@ -307,46 +231,17 @@ class Client:
         return reply
 
     def request(self, payload: bytes, request_id: int, timeout: float | None = None) -> Any:
-        self._socket.send(payload)
+        self._send(payload)
         return self.wait_for(("req", request_id), timeout=timeout)
 
 
-class Stream:
+class Stream(BaseStream[Client]):
     """One audio stream on a :class:`Client` (see Client.open_stream)."""
 
-    def __init__(self, client: Client, core: StreamCore) -> None:
-        self.client = client
-        self._core = core
-
-    # ---- state --------------------------------------------------------------------------
-    @property
-    def stream_id(self) -> int:
-        return self._core.stream_id
-
-    @property
-    def info(self) -> dict[str, Any]:
-        """The engine's OPENED reply: sample_rate, frame_samples, dtype, vad, limits."""
-        return self._core.info
-
-    @property
-    def sample_rate(self) -> int:
-        return self._core.sample_rate
-
-    @property
-    def frame_samples(self) -> int:
-        return self._core.frame_samples
-
+    # ---- state (the rest is BaseStream's) -------------------------------------------------
     @property
     def dtype(self) -> P.DType:
         return self._core.dtype
-
-    @property
-    def state(self) -> StreamState:
-        return self._core.state
-
-    @property
-    def closed(self) -> bool:
-        return self._core.finished or self._core.state is StreamState.CLOSING
 
     @property
     def events(self) -> list[Event]:
@@ -354,27 +249,8 @@ class Stream:
         return list(self._core.history)
 
     @property
-    def epoch(self) -> int:
-        """0 after open; +1 at every reset (see StreamReset)."""
-        return self._core.epoch
-
-    @property
-    def in_flight(self) -> int:
-        """Submitted chunks whose results have not arrived yet."""
-        return self._core.tickets_in_flight
-
-    @property
-    def in_speech(self) -> bool:
-        return self._core.in_speech
-
-    @property
     def last_probability(self) -> float:
         return self._core.last_probability
-
-    @property
-    def kept_samples(self) -> int:
-        """Samples held for utterances (keep_audio streams)."""
-        return self._core.keeper.kept_samples if self._core.keeper is not None else 0
 
     def pop_utterances(self) -> list[Utterance]:
         """Utterances completed so far and not yet taken (keep_audio streams without on_utterance)."""
@@ -399,12 +275,10 @@ class Stream:
     def reset(self, timeout: float | None = None) -> None:
         """Start over: zero state, forget buffered samples; offsets and frames count from 0 again.
         Chunks already submitted get their results first (of the old epoch)."""
-        client, core = self.client, self._core
+        client = self.client
         deadline = client._deadline(timeout)
-        client._ready([core], deadline)
-        request, payload = client._session.reset(core, time.monotonic())
-        client._socket.send(payload)
-        client._wait_request(request, deadline, f"to RESET of stream {core.stream_id}")
+        client._ready([self._core], deadline)
+        client._wait_request(self._send_reset(), deadline, f"to RESET of stream {self.stream_id}")
 
     def close(self, timeout: float | None = None) -> list[Result]:
         """Flush (the last partial frame is zero-padded) and close; returns the final results."""
@@ -414,38 +288,22 @@ class Stream:
         deadline = client._deadline(timeout)
         client._pump(lambda: core.state not in (StreamState.OPENING, StreamState.RESETTING), deadline,
                      f"while stream {core.stream_id} resets")
-        request, payload = client._session.close(core, time.monotonic())
-        if payload is not None:
-            client._socket.send(payload)
+        request = self._send_close()
         if request is None:
             return []
         results: list[Result] = client._wait_request(request, deadline, f"to CLOSE of stream {core.stream_id}")
         return results
 
 
-class Pending:
+class Pending(BasePending[Client]):
     """Results of a submitted chunk, not yet collected."""
-
-    def __init__(self, client: Client, ticket: Ticket) -> None:
-        self.client = client
-        self.ticket = ticket
-
-    def done(self) -> bool:
-        return self.ticket.done
-
-    @property
-    def latency(self) -> float:
-        """Seconds from sending to the reply (NaN until done)."""
-        return self.ticket.latency
 
     def result(self, timeout: float | None = None) -> list[Result]:
         """The chunk's results (one per frame it completed); raises the engine's error for it."""
         ticket = self.ticket
         self.client._pump(lambda: ticket.done, self.client._deadline(timeout),
                           f"to a chunk of stream {ticket.stream.stream_id}")
-        if ticket.error is not None:
-            raise ticket.error
-        return ticket.results
+        return ticket.outcome()
 
 
 def as_array(pcm: PCM, dtype: np.dtype[Any]) -> np.ndarray:

@@ -30,7 +30,8 @@ again at :meth:`Session.next_tick`). Both return a list of outputs for the I/O l
 order: :class:`Send` (bytes for the socket), :class:`NewSocket` (drop the socket,
 connect a fresh one), :class:`Wake` (a Ticket or Request is done: wake its waiter) and
 :class:`Emit` (an item for the stream's callbacks). API calls (open, submit, reset,
-close, ping, stats) return the bytes to send directly.
+close, ping, stats) return the bytes to send directly. The records it keeps per stream and
+per request live in :mod:`clients.bookkeeping`.
 """
 
 from __future__ import annotations
@@ -39,18 +40,21 @@ import collections
 import enum
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Union
 
 import numpy as np
 
+from clients.bookkeeping import Request, StreamCore, StreamOptions, StreamState, Ticket, WireChunk
 from clients.errors import (ConnectionLostError, RepliesLostError, RingserveError, StreamClosedError,
                             StreamExistsError, StreamResetError, from_wire)
 from clients.results import Event, Result, StreamReset, Utterance
-from clients.utterances import UtteranceKeeper
 from transport import protocol as P
 from transport.protocol import ErrorCode, MsgType
+
+__all__ = ["PCM", "VAD_KEYS", "ConnState", "Emit", "Item", "NewSocket", "Output", "Request", "Send", "Session",
+           "SessionCounters", "StreamCore", "StreamOptions", "StreamState", "Ticket", "Wake", "pcm_bytes"]
 
 log = logging.getLogger("ringserve.client")
 
@@ -62,16 +66,6 @@ _PROBE_INTERVAL = 0.25
 
 PCM = Union[np.ndarray, bytes, bytearray, memoryview]
 Item = Union[Result, Event, Utterance, StreamReset, RingserveError]
-
-
-class StreamState(enum.Enum):
-    OPENING = "opening"  # OPEN sent, no reply yet
-    OPEN = "open"
-    RESETTING = "resetting"  # RESET sent; submits wait for RESET_DONE
-    REOPEN = "reopen"  # the engine lost it (restart, expiry): to be opened again
-    CLOSING = "closing"  # CLOSE sent; waiting for the FINAL result
-    CLOSED = "closed"
-    FAILED = "failed"  # could not be reopened; see StreamCore.error
 
 
 class ConnState(enum.Enum):
@@ -100,162 +94,6 @@ class Emit(NamedTuple):
 
 
 Output = Union[Send, NewSocket, Wake, Emit]
-
-
-# ---- bookkeeping objects -----------------------------------------------------------------
-
-@dataclass
-class StreamOptions:
-    """Per-stream client settings (not sent to the engine)."""
-
-    window: int = 8  # submitted chunks in flight at most; submit() blocks/awaits beyond
-    keep_audio: bool = False  # keep sent audio and deliver Utterances at each end event
-    on_result: Callable[[Result], Any] | None = None
-    on_event: Callable[[Event], Any] | None = None
-    on_utterance: Callable[[Utterance], Any] | None = None
-    on_reset: Callable[[StreamReset], Any] | None = None
-    on_error: Callable[[RingserveError], Any] | None = None
-    history: int = 10_000  # events kept in Stream.events (oldest dropped)
-    feed_limit: int = 10_000  # events/utterances buffered for the async iterators
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
-
-
-class Ticket:
-    """One submitted chunk (maybe split into several wire chunks), answered as a whole."""
-
-    __slots__ = ("stream", "parts", "nsamples", "sent_at", "results", "error", "done", "received_at",
-                 "waiter", "epoch")
-
-    def __init__(self, stream: StreamCore, nsamples: int, sent_at: float) -> None:
-        self.stream = stream
-        self.parts = 0
-        self.nsamples = nsamples
-        self.sent_at = sent_at  # monotonic
-        self.results: list[Result] = []
-        self.error: RingserveError | None = None
-        self.done = False
-        self.received_at = 0.0  # monotonic time of the last part's reply
-        self.waiter: Any = None  # the I/O layer's wake-up handle
-        self.epoch = stream.epoch
-
-    @property
-    def latency(self) -> float:
-        """Seconds from sending the chunk to its (last) reply; NaN until done."""
-        return self.received_at - self.sent_at if self.done else math.nan
-
-
-@dataclass(slots=True)
-class WireChunk:
-    seq: int
-    request_id: int
-    nsamples: int
-    ticket: Ticket
-    sent_at: float
-    samples: np.ndarray | None  # kept only for keep_audio streams
-
-
-class Request:
-    """A control request (open, reopen, reset, close, ping, stats, heartbeat, probe)."""
-
-    __slots__ = ("id", "kind", "stream", "sent_at", "done", "value", "error", "waiter")
-
-    def __init__(self, request_id: int, kind: str, stream: StreamCore | None, sent_at: float) -> None:
-        self.id = request_id
-        self.kind = kind
-        self.stream = stream
-        self.sent_at = sent_at
-        self.done = False
-        self.value: Any = None
-        self.error: RingserveError | None = None
-        self.waiter: Any = None
-
-
-class StreamCore:
-    """Everything the client knows about one stream."""
-
-    def __init__(self, stream_id: int, params: dict[str, Any], options: StreamOptions) -> None:
-        self.stream_id = stream_id
-        self.params = params
-        self.options = options
-        self.state = StreamState.OPENING
-        self.info: dict[str, Any] = {}
-        self.sample_rate: int = int(params.get("sample_rate", 16000))
-        self.frame_samples = 0
-        self.dtype = P.DType.INT16
-        self.np_dtype: np.dtype[Any] = P.NUMPY_DTYPES[self.dtype]
-        self.epoch = 0
-        self.base_sample = 0  # samples submitted before this epoch
-        self.submitted = 0  # samples submitted, all epochs
-        self.inflight: collections.deque[WireChunk] = collections.deque()
-        self.by_seq: dict[int, WireChunk] = {}
-        self.tickets_in_flight = 0
-        self.max_tickets_in_flight = 0  # high-water mark (the window is never exceeded)
-        self.next_frame = 0
-        self.frames = 0  # frames received, all epochs
-        self.history: collections.deque[Event] = collections.deque(maxlen=options.history)
-        self.feed: collections.deque[Event | StreamReset] = collections.deque()
-        self.utterance_feed: collections.deque[Utterance] | None = (
-            collections.deque() if options.keep_audio and options.on_utterance is None else None)
-        self.feed_dropped = 0
-        self.keeper: UtteranceKeeper | None = None
-        self.reopen_reason = ""
-        self.reopen_eager = False
-        self.reopen_request: Request | None = None
-        self.expiring = False
-        self.lost_samples = 0
-        self.lost_chunks = 0
-        self.close_request: Request | None = None
-        self.error: RingserveError | None = None
-        self.last_probability = math.nan
-        self.in_speech = False
-        self.chunk_errors = 0
-        self.utterances = 0
-        self.waker: Any = None  # the I/O layer's wake-up handle for this stream
-
-    # ---- what the I/O layers ask --------------------------------------------------------
-    @property
-    def ready(self) -> bool:
-        """Audio can be submitted now (open, not resetting or reopening)."""
-        return self.state is StreamState.OPEN
-
-    @property
-    def finished(self) -> bool:
-        return self.state in (StreamState.CLOSED, StreamState.FAILED)
-
-    @property
-    def has_room(self) -> bool:
-        return self.tickets_in_flight < self.options.window
-
-    @property
-    def epoch_samples(self) -> int:
-        """Samples submitted in the current epoch."""
-        return self.submitted - self.base_sample
-
-    def _opened(self, info: dict[str, Any]) -> None:
-        self.info = info
-        self.sample_rate = int(info.get("sample_rate", self.sample_rate))
-        self.frame_samples = int(info.get("frame_samples", 512 if self.sample_rate == 16000 else 256))
-        self.dtype = P.DTYPE_NAMES[info.get("dtype", "int16")]
-        self.np_dtype = P.NUMPY_DTYPES[self.dtype]
-        self.state = StreamState.OPEN
-        self.next_frame = 0
-        self.in_speech = False
-        self.expiring = False
-        self.keeper = (UtteranceKeeper(self.stream_id, self.np_dtype, self.sample_rate, self.frame_samples,
-                                       info.get("vad", {})) if self.options.keep_audio else None)
-
-    def _feed(self, item: Event | StreamReset | Utterance) -> None:
-        target: collections.deque[Any] | None = (
-            self.utterance_feed if isinstance(item, Utterance) else self.feed)
-        if target is None:
-            return
-        if len(target) >= self.options.feed_limit:
-            target.popleft()
-            self.feed_dropped += 1
-        target.append(item)
 
 
 def pcm_bytes(pcm: PCM, dtype: P.DType) -> bytes:
@@ -378,6 +216,13 @@ class Session:
         request = self._request("stats", None, now)
         return request, P.header(MsgType.STATS, request.id)
 
+    def farewells(self) -> Iterator[bytes]:
+        """CLOSE for every stream open on the engine, for a client that goes away without waiting
+        for the final results."""
+        for stream in list(self.streams.values()):
+            if stream.state is StreamState.OPEN:
+                yield P.encode_stream_op(MsgType.CLOSE, self.new_id(), stream.stream_id)
+
     def abandon(self, stream: StreamCore) -> None:
         """The application gave up waiting for the stream to open: forget it (closed if it opens)."""
         if stream.state is StreamState.OPENING:
@@ -393,8 +238,7 @@ class Session:
         if stream.state is StreamState.OPEN:
             return
         if stream.finished or stream.state is StreamState.CLOSING:
-            raise StreamClosedError(f"stream {stream.stream_id} is {stream.state.value}"
-                                    + (f": {stream.error}" if stream.error else ""), stream.stream_id)
+            raise stream.closed_error()
         raise RuntimeError(f"stream {stream.stream_id} is {stream.state.value}; wait until it is ready")
 
     # ---- API: audio ---------------------------------------------------------------------
@@ -523,7 +367,7 @@ class Session:
             info = P.decode_json(msg[P.HEADER.size + P.STREAM_ID.size:])
             self.max_message_bytes = int(info.get("max_message_bytes", self.max_message_bytes))
             self.max_items_per_message = max(1, int(info.get("max_items_per_message", self.max_items_per_message)))
-            stream._opened(info)
+            stream.on_opened(info)
             if kind == "reopen":
                 stream.reopen_request = None
                 self._new_epoch(stream, stream.reopen_reason, wall, out)
@@ -554,7 +398,7 @@ class Session:
         reset = StreamReset(stream.stream_id, reason, stream.epoch, stream.base_sample,
                             stream.lost_samples, stream.lost_chunks, wall)
         stream.lost_samples = stream.lost_chunks = 0
-        stream._feed(reset)
+        stream.push_feed(reset)
         out.append(Emit(stream, reset))
 
     def _on_error(self, error: P.WireError, wall: float, now: float, out: list[Output]) -> None:
@@ -659,13 +503,13 @@ class Session:
         for event in events:
             stream.in_speech = event.kind == "start"
             stream.history.append(event)
-            stream._feed(event)
+            stream.push_feed(event)
             out.append(Emit(stream, event))
         if stream.keeper is not None:
             for utterance in stream.keeper.on_chunk(wire.samples if wire is not None else None, probs, events,
                                                     final):
                 stream.utterances += 1
-                stream._feed(utterance)
+                stream.push_feed(utterance)
                 out.append(Emit(stream, utterance))
         if wire is not None:
             ticket = wire.ticket
