@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import platform
 import signal
-import struct
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
-from multiprocessing.connection import Connection
-from types import FrameType
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -39,21 +35,20 @@ import onnxruntime
 import zmq
 
 from bench.daemon import BenchError, EngineDaemon, free_tcp_port, no_shedding_args
+from bench.engine_load import FRAME, RATE
+from bench.engine_saturation import EngineResult, measure_engine
 from bench.procinfo import cpu_seconds, runq_wait_seconds, source_version
 from bench.raw import RawResult, measure_raw
+from bench.sigterm import unwind_on_sigterm
 from clients.client import Client
-from engine.models.silero import CONTEXT_SAMPLES, FRAME_SAMPLES, default_model_path
-from transport import protocol as P
+from engine.models.silero import CONTEXT_SAMPLES, default_model_path
 
-RATE = 16000
-FRAME = FRAME_SAMPLES[RATE]
 WIDTH = FRAME + CONTEXT_SAMPLES[RATE]
-_CTX = multiprocessing.get_context("spawn")
-_ANSWERED, _SENT, _STOP = range(3)  # words of the load generator's shared counters
-_PROB = struct.Struct("<f")
-Counters = Any  # a lock-free shared int64 array (multiprocessing RawArray "q")
-__all__ = ["BenchError", "EngineDaemon", "RawResult", "cpu_seconds", "default_model_path", "free_tcp_port",
-           "measure_raw", "no_shedding_args", "runq_wait_seconds", "source_version"]
+# The saturation measurement lives in bench/engine_saturation.py, its load generator in
+# bench/engine_load.py; these names stay importable from here.
+__all__ = ["BenchError", "EngineDaemon", "EngineResult", "RawResult", "cpu_seconds", "default_model_path",
+           "free_tcp_port", "measure_engine", "measure_raw", "no_shedding_args", "runq_wait_seconds",
+           "source_version"]
 
 
 @dataclass(frozen=True)
@@ -71,239 +66,6 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(raw_s=2.0, warmup_s=1.0, load_s=3.0, round_trips=300, rounds=1)
-
-
-# ---- (a)+(b) engine under saturation -----------------------------------------------------
-
-def _loadgen_main(endpoint: str, streams: int, window: int, shared: Counters,
-                  conn: Connection) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
-    context = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    for option, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
-        sock.setsockopt(option, value)
-    sock.connect(endpoint)
-    try:
-        report = _generate(sock, streams, window, shared, conn)
-    except Exception as exc:  # report, do not hang the parent
-        report = {"failure": f"{type(exc).__name__}: {exc}"}
-    finally:
-        sock.close(0)
-        context.term()
-    conn.send(("done", report))
-
-
-def _generate(sock: zmq.Socket, streams: int, window: int, shared: Counters,
-              conn: Connection) -> dict[str, Any]:
-    """Open ``streams`` streams, keep ``window`` one-frame messages in flight on each until
-    told to stop, then wait for every outstanding result and close the streams."""
-    for sid in range(1, streams + 1):
-        sock.send(P.encode_open(sid, sid, {"sample_rate": RATE, "dtype": "int16"}))
-    opened, deadline = 0, time.monotonic() + 30
-    while opened < streams:
-        if time.monotonic() > deadline or not sock.poll(1000):
-            raise BenchError(f"only {opened} of {streams} streams opened")
-        msg = sock.recv()
-        if msg[3] == P.MsgType.ERROR:
-            raise BenchError(f"open failed: {P.decode_error(msg).text}")
-        opened += msg[3] == P.MsgType.OPENED
-    conn.send(("ready", None))
-
-    rng = np.random.default_rng(1)
-    pcm = [(300 * rng.standard_normal(FRAME)).astype("<i2").tobytes() for _ in range(8)]
-    next_seq = [1] * (streams + 1)  # chunk_seq of the next frame per stream
-    expected = [1] * (streams + 1)  # chunk_seq of the next result per stream
-    sent = answered = shed = in_flight = out_of_order = unexpected = closed = 0
-    errors: Counter[str] = Counter()
-    audio, item_struct, int16 = P.MsgType.AUDIO, P.AUDIO_ITEM, P.DType.INT16
-    result_struct, result_size, event_size, prob_struct = P.RESULT_ITEM, P.RESULT_ITEM.size, P.EVENT_ITEM.size, _PROB
-
-    def send(sid: int) -> None:
-        nonlocal sent, in_flight
-        seq = next_seq[sid]
-        next_seq[sid] = seq + 1
-        sock.send(P.header(audio, seq) + item_struct.pack(sid, seq, int16, 2 * FRAME) + pcm[seq & 7])
-        sent += 1
-        in_flight += 1
-
-    for sid in range(1, streams + 1):
-        for _ in range(window):
-            send(sid)
-    stopping, drain_deadline = False, 0.0
-    while True:
-        if not stopping and shared[_STOP]:
-            stopping, drain_deadline = True, time.monotonic() + 30
-        if stopping and (in_flight == 0 or time.monotonic() > drain_deadline):
-            break
-        if not sock.poll(100):
-            continue
-        while True:
-            try:
-                msg = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            kind = msg[3]
-            if kind == P.MsgType.RESULTS:
-                offset, end = P.HEADER.size, len(msg)
-                while offset < end:
-                    sid, chunk_seq, _, n_frames, n_events, _ = result_struct.unpack_from(msg, offset)
-                    for i in range(n_frames):  # NaN: the engine shed the frame instead of running it
-                        prob = prob_struct.unpack_from(msg, offset + result_size + 4 * i)[0]
-                        shed += prob != prob
-                    offset += result_size + 4 * n_frames + event_size * n_events
-                    if chunk_seq != expected[sid]:
-                        out_of_order += 1
-                    expected[sid] = chunk_seq + 1
-                    answered += n_frames
-                    in_flight -= 1
-                    if not stopping:
-                        send(sid)
-            elif kind == P.MsgType.ERROR:
-                error = P.decode_error(msg)
-                errors[error.code.name] += 1
-                if error.stream_id:
-                    expected[error.stream_id] = error.chunk_seq + 1
-                    in_flight -= 1
-                    if not stopping:
-                        send(error.stream_id)
-            else:
-                unexpected += 1
-        shared[_ANSWERED], shared[_SENT] = answered - shed, sent
-
-    for sid in range(1, streams + 1):
-        sock.send(P.encode_stream_op(P.MsgType.CLOSE, sid, sid))
-    deadline = time.monotonic() + 10
-    while closed < streams and time.monotonic() < deadline:
-        if not sock.poll(200):
-            continue
-        msg = sock.recv()
-        if msg[3] == P.MsgType.RESULTS:
-            closed += sum(r.final for r in P.decode_results(msg))
-        elif msg[3] == P.MsgType.ERROR:
-            errors["close_" + P.decode_error(msg).code.name] += 1
-    return {"sent": sent, "answered": answered, "shed": shed, "lost": in_flight, "out_of_order": out_of_order,
-            "errors": dict(errors), "unexpected_messages": unexpected, "streams_closed": closed}
-
-
-@dataclass
-class EngineResult:
-    workers: int
-    streams: int
-    window: int
-    seconds: float
-    frames_per_s: float
-    avg_batch: float
-    frontend_cpu_us_per_frame: float  # daemon main process: front-end loop + ZeroMQ I/O thread
-    frontend_loop_us_per_frame: float  # its main thread alone: the poll loop, incl. shm ring writes
-    frontend_cores: float  # its CPU seconds per wall second
-    worker_cpu_us_per_frame: float  # all workers together
-    worker_compute_us_per_frame: float  # the workers' own timing of their batches (stats)
-    loadgen_cpu_us_per_frame: float
-    loadgen_cores: float
-    frontend_runq_wait_share: float  # share of the wall time its main thread waited for a CPU
-    worker_runq_wait_share: float  # the same, averaged over the workers
-    stalled_intervals: int  # 0.5 s samples in which no result came back
-    sent: int = 0
-    answered: int = 0  # results received, shed frames included
-    shed: int = 0  # answered without inference (the engine's overload policy); not in frames_per_s
-    lost: int = 0
-    out_of_order: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    streams_closed: int = 0
-    engine_counters: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class _Snapshot:
-    wall: float
-    answered: int
-    frontend_cpu: float
-    frontend_loop_cpu: float
-    worker_cpu: float
-    loadgen_cpu: float
-    frontend_wait: float
-    worker_wait: float
-    frames: int
-    executions: int
-    compute_s: float
-
-
-def _snapshot(daemon: EngineDaemon, stats_client: Client, worker_pids: list[int], loadgen_pid: int,
-              shared: Counters) -> _Snapshot:
-    wall, answered = time.perf_counter(), shared[_ANSWERED]  # frames that were run, shed ones not counted
-    try:
-        frontend, workers = cpu_seconds(daemon.pid), sum(cpu_seconds(pid) for pid in worker_pids)
-        frontend_loop = cpu_seconds(daemon.pid, daemon.pid)
-        loadgen = cpu_seconds(loadgen_pid)
-    except FileNotFoundError as exc:
-        daemon.check_alive()
-        raise BenchError(f"a measured process is gone (a worker restarted?): {exc}\n{daemon.tail()}") from None
-    frontend_wait, worker_wait = runq_wait_seconds(daemon.pid), sum(runq_wait_seconds(pid) for pid in worker_pids)
-    stats = stats_client.stats()
-    return _Snapshot(wall, answered, frontend, frontend_loop, workers, loadgen, frontend_wait, worker_wait,
-                     stats["frames"], stats["executions"], stats["compute_s_total"])
-
-
-def measure_engine(daemon: EngineDaemon, streams: int, window: int, warmup_s: float, seconds: float) -> EngineResult:
-    shared = _CTX.Array("q", 3, lock=False)
-    parent, child = _CTX.Pipe(duplex=False)
-    loadgen = _CTX.Process(target=_loadgen_main, args=(daemon.ipc, streams, window, shared, child),
-                           name="loadgen", daemon=True)
-    stats_client = Client(daemon.ipc, timeout=30)
-    try:
-        worker_pids = [int(w["pid"]) for w in stats_client.stats()["workers"]]
-        loadgen.start()
-        child.close()
-        assert loadgen.pid is not None
-        if not parent.poll(60) or parent.recv()[0] != "ready":
-            daemon.check_alive()
-            raise BenchError(f"load generator did not open its {streams} streams")
-        time.sleep(warmup_s)
-        before = _snapshot(daemon, stats_client, worker_pids, loadgen.pid, shared)
-        stalled, last, until = 0, before.answered, before.wall + seconds
-        while (now := time.perf_counter()) < until:
-            time.sleep(min(0.5, until - now))
-            daemon.check_alive()
-            stalled += shared[_ANSWERED] == last
-            last = shared[_ANSWERED]
-        after = _snapshot(daemon, stats_client, worker_pids, loadgen.pid, shared)
-        shared[_STOP] = 1
-        if not parent.poll(60):
-            raise BenchError(f"load generator did not finish: sent {shared[_SENT]}, "
-                             f"answered {shared[_ANSWERED]}\n{daemon.tail()}")
-        _, report = parent.recv()
-        if "failure" in report:
-            raise BenchError(f"load generator failed: {report['failure']}\n{daemon.tail()}")
-        counters = {k: int(v) for k, v in stats_client.stats()["counters"].items()}
-    finally:
-        stats_client.close()
-        if loadgen.pid is not None:  # started
-            loadgen.join(5)
-            if loadgen.exitcode is None:
-                loadgen.kill()
-                loadgen.join()
-            loadgen.close()
-        parent.close()
-        child.close()
-    frames = max(after.answered - before.answered, 1)
-    wall = after.wall - before.wall
-    executions = after.executions - before.executions
-    return EngineResult(
-        workers=daemon.workers, streams=streams, window=window, seconds=round(wall, 3),
-        frames_per_s=frames / wall,
-        avg_batch=(after.frames - before.frames) / executions if executions else 0.0,
-        frontend_cpu_us_per_frame=1e6 * (after.frontend_cpu - before.frontend_cpu) / frames,
-        frontend_loop_us_per_frame=1e6 * (after.frontend_loop_cpu - before.frontend_loop_cpu) / frames,
-        frontend_cores=(after.frontend_cpu - before.frontend_cpu) / wall,
-        worker_cpu_us_per_frame=1e6 * (after.worker_cpu - before.worker_cpu) / frames,
-        worker_compute_us_per_frame=1e6 * (after.compute_s - before.compute_s) / max(after.frames - before.frames, 1),
-        loadgen_cpu_us_per_frame=1e6 * (after.loadgen_cpu - before.loadgen_cpu) / frames,
-        loadgen_cores=(after.loadgen_cpu - before.loadgen_cpu) / wall,
-        frontend_runq_wait_share=(after.frontend_wait - before.frontend_wait) / wall,
-        worker_runq_wait_share=(after.worker_wait - before.worker_wait) / wall / daemon.workers,
-        stalled_intervals=stalled, sent=report["sent"], answered=report["answered"], shed=report["shed"],
-        lost=report["lost"], out_of_order=report["out_of_order"], errors=report["errors"],
-        streams_closed=report["streams_closed"], engine_counters=counters)
 
 
 # ---- (c) idle round trip -----------------------------------------------------------------
@@ -467,11 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     if args.workers:
         sizes = replace(sizes, workers=tuple(args.workers))
-
-    def on_sigterm(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt  # unwind through every finally: daemons and helpers stop
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    unwind_on_sigterm()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
     try:
         report = run_bench(sizes, progress=True)

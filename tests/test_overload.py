@@ -53,7 +53,7 @@ RSS_GROWTH_LIMIT_MIB = 50
 ITEMS_PER_MESSAGE = 1000
 # The burst of the intake test: ~15 ms of front-end work per message on a 2.5 GHz core.
 FLOOD_MESSAGES = 80
-FLOOD_TEST_S = 4.0
+AFTER_BURST_S = 1.0
 
 
 # ---- the load process -----------------------------------------------------------------------
@@ -383,19 +383,30 @@ def test_frames_queued_behind_a_flood_are_shed_at_intake() -> None:
                  for m in range(FLOOD_MESSAGES)]
         sent_at: dict[int, float] = {}
         outcome: dict[int, tuple[bool, float]] = {}  # chunk -> (shed, latency)
+        burst_replies = 0  # a RESULTS item per chunk or an ERROR per refused item
 
         def take(msg: bytes) -> None:
+            nonlocal burst_replies
             if P.parse_header(msg)[0] != MsgType.RESULTS:
-                return  # the burst's stream is refused in part (LIMIT: too many awaiting results)
+                # The burst's stream is refused in part (LIMIT: too many chunks awaiting results).
+                assert P.decode_error(msg).stream_id == 2, P.decode_error(msg)
+                burst_replies += 1
+                return
             for stream_id, chunk_seq, flags, probs in _items(msg):
                 if stream_id == 1:
                     assert len(probs) == 1 and bool(np.isnan(probs[0])) == bool(flags & P.ResultFlag.SHED)
                     outcome[chunk_seq] = (bool(flags & P.ResultFlag.SHED), time.monotonic() - sent_at[chunk_seq])
+                else:
+                    burst_replies += 1
 
+        # Paced frames before, during and for AFTER_BURST_S after the burst (however long the
+        # shared machine takes over it: it ends when every item of it has its reply).
         t0 = time.monotonic()
         burst_at = t0 + 1.0
+        burst_done_at = math.inf
         seq = 0
-        while (now := time.monotonic()) < t0 + FLOOD_TEST_S:
+        while (now := time.monotonic()) < burst_done_at + AFTER_BURST_S:
+            assert now < t0 + 120, f"the burst got {burst_replies} of {FLOOD_MESSAGES * 1024} replies in 2 min"
             if now >= t0 + seq * PERIOD_S:
                 seq += 1
                 sent_at[seq] = now
@@ -406,6 +417,8 @@ def test_frames_queued_behind_a_flood_are_shed_at_intake() -> None:
                 burst = []
             while sock.poll(0):
                 take(sock.recv())
+            if burst_replies == FLOOD_MESSAGES * 1024 and burst_done_at == math.inf:
+                burst_done_at = time.monotonic()
             time.sleep(0.002)
         deadline = time.monotonic() + 30
         while len(outcome) < seq and time.monotonic() < deadline:
@@ -422,18 +435,21 @@ def test_frames_queued_behind_a_flood_are_shed_at_intake() -> None:
 
     shed = sorted(chunk for chunk, (was_shed, _) in outcome.items() if was_shed)
     late = [round(latency, 3) for was_shed, latency in outcome.values() if not was_shed and latency > 0.1]
-    print(f"{seq} paced frames: {len(shed)} shed at intake (chunks {shed[:1]}..{shed[-1:]}), "
+    print(f"burst answered {burst_done_at - burst_at:.2f} s after it was sent; "
+          f"{seq} paced frames: {len(shed)} shed at intake (chunks {shed[:1]}..{shed[-1:]}), "
           f"answered ones over 100 ms: {late}")
     assert len(outcome) == seq, "a paced frame got no answer"
     assert len(shed) >= 3, "the burst did not hold the front-end past the deadline"
     assert delta("frames_shed_at_intake") == delta("frames_shed") == len(shed)
     assert sum(w["shed_frames"] for w in after["workers"]) == sum(w["shed_frames"] for w in before["workers"])
     # The shed frames are those sent early in the burst (they waited longest), one run of them;
-    # the paced frames of the last second, long after the burst, are answered on time.
+    # the paced frames sent after the burst was through are all answered, promptly.
     assert shed == list(range(shed[0], shed[-1] + 1))
     assert sent_at[shed[0]] >= burst_at - PERIOD_S
-    recent = [outcome[chunk][1] for chunk in sent_at if sent_at[chunk] >= t0 + FLOOD_TEST_S - 1.0]
-    assert recent and max(recent) < SHED_AFTER_MS / 1000, recent
+    after_burst = [outcome[chunk] for chunk in sent_at if sent_at[chunk] >= burst_done_at]
+    assert len(after_burst) >= AFTER_BURST_S / PERIOD_S - 2
+    assert not any(was_shed for was_shed, _ in after_burst), after_burst
+    assert float(np.median([latency for _, latency in after_burst])) < 0.05, after_burst
 
 
 if __name__ == "__main__":
