@@ -171,7 +171,7 @@ class FrontEnd:
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                self.table.drained_ns = time.monotonic_ns()
+                self.table.drained_ns = clock()
                 return n
             if len(frames) != 2:
                 self.counters["errors_bad_message"] += 1

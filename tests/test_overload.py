@@ -13,8 +13,10 @@ Two bottlenecks, one case each:
 - worker: one frame per message and ``--max-batch 1`` make inference the bottleneck; late
   frames wait in the worker's queue and the worker sheds them.
 - front-end: the default configuration with every due frame in one message (a gateway);
-  the single-threaded front-end saturates first, messages wait in ZeroMQ's queue before it
-  reads them, and it sheds them at intake by their estimated arrival (engine/control.py).
+  the single-threaded front-end usually saturates first, messages wait in ZeroMQ's queue
+  before it reads them, and it sheds them at intake by their estimated arrival
+  (engine/control.py). On a shared machine the worker may saturate first instead, so where
+  frames are shed is not asserted here; the last test pins intake shedding down on its own.
 """
 
 from __future__ import annotations
