@@ -29,6 +29,8 @@ SETTING_HELP = {
     "max_streams": "streams the engine holds at once, all connections together",
     "max_batch": "most frames a worker runs in one batch",
     "batch_delay_us": "let the oldest queued frame wait up to this long for a fuller batch (the worker sleeps meanwhile); 0 runs whatever is ready",
+    "busy_batch_delay_us": "the wait of a busy worker: it grows from batch_delay_us (model busy under 40 %% of the time) "
+                           "to this (80 %% or more), trading latency for CPU per frame; never below batch_delay_us",
     "spin_us": "busy-wait this long for more work before blocking on a doorbell",
     "ring_mib": "size of each worker's input ring (MiB)",
     "ready_timeout_s": "how long workers may take to load and warm the model",

@@ -23,6 +23,7 @@ class ServeConfig:
     max_streams: int = 4096
     max_batch: int = 512
     batch_delay_us: int = 2000
+    busy_batch_delay_us: int = 8000
     spin_us: int = 50
     ring_mib: int = 8
     ready_timeout_s: float = 120.0
@@ -53,6 +54,7 @@ class ServeConfig:
         need(1 <= self.max_streams <= 1_000_000, "max_streams", "an integer from 1 to 1000000")
         need(1 <= self.max_batch <= 65536, "max_batch", "an integer from 1 to 65536")
         need(0 <= self.batch_delay_us <= 1_000_000, "batch_delay_us", "0 to 1000000 microseconds")
+        need(0 <= self.busy_batch_delay_us <= 1_000_000, "busy_batch_delay_us", "0 to 1000000 microseconds")
         need(0 <= self.spin_us <= 1_000_000, "spin_us", "0 to 1000000 microseconds")
         need(1 <= self.ring_mib <= 1024, "ring_mib", "1 to 1024 MiB")
         need(self.ready_timeout_s > 0, "ready_timeout_s", "a positive number of seconds")

@@ -117,7 +117,8 @@ class Daemon:
                 cleanup.callback(in_ring.close)
                 cleanup.callback(out_ring.close)
                 worker_cfg = WorkerConfig(index, spec, segment.name, layout, state_segment.name, state_layout,
-                                          cfg.max_batch, cfg.spin_us, cfg.batch_delay_us, cfg.log_level, cfg.log_format)
+                                          cfg.max_batch, cfg.spin_us, cfg.batch_delay_us,
+                                          cfg.busy_batch_delay_us, cfg.log_level, cfg.log_format)
                 proc = WorkerProcess(worker_cfg, in_bell, out_bell)
                 cleanup.callback(proc.stop, 2.0)
                 stats = WorkerStats(segment.buf[layout.stats_offset:layout.total])

@@ -105,11 +105,16 @@ class EngineCollector(Collector):
         busy_seconds = CounterMetricFamily("ringserve_worker_busy_seconds",
                                            "Seconds each worker spent running batches (rate() = busy ratio now)",
                                            labels=["worker"])
+        delay = GaugeMetricFamily("ringserve_worker_batch_delay_seconds",
+                                  "How long each worker now lets a frame wait for a fuller batch "
+                                  "(grows with its busy share, see busy_batch_delay_us)", labels=["worker"])
         for worker in stats["workers"]:
             busy.add_metric([str(worker["index"])], worker["busy_share"])
             busy_seconds.add_metric([str(worker["index"])], worker.get("busy_s", 0.0))
+            delay.add_metric([str(worker["index"])], worker.get("batch_delay_us", 0) / 1e6)
         yield busy
         yield busy_seconds
+        yield delay
         bounds = stats["histogram_bounds_us"]
         yield _histogram("ringserve_queue_seconds", "Time a frame waited in its worker's ring before its batch ran",
                          bounds, stats["queue_hist"], stats["queue_s_total"])

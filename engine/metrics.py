@@ -43,7 +43,7 @@ def collect_stats(daemon: Daemon) -> dict[str, Any]:
                         "backlog_bytes": link.backlog_bytes, "frames": snap["frames"],
                         "executions": snap["executions"], "replayed_frames": snap["replayed_frames"],
                         "shed_frames": snap["shed_frames"],
-                        "busy_s": snap["busy_s"],
+                        "busy_s": snap["busy_s"], "batch_delay_us": snap["batch_delay_us"],
                         "busy_share": round(snap["busy_s"] / alive_s, 4) if alive_s else 0.0})
     frames, executions = totals["frames"], totals["executions"]
     counters = dict(table.counters)

@@ -17,8 +17,9 @@ BUCKETS_US = np.array([50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000,
                       dtype=np.float64)
 N_BUCKETS = len(BUCKETS_US) + 1
 
-FRAMES, EXECUTIONS, COMPUTE_NS, QUEUE_NS, BUSY_NS, REPLAYED, STARTED_NS, SHED = range(8)  # word indexes
-N_COUNTERS = 8
+# Word indexes. DELAY_US is a gauge: the batching wait the worker uses now (worker.py gather).
+FRAMES, EXECUTIONS, COMPUTE_NS, QUEUE_NS, BUSY_NS, REPLAYED, STARTED_NS, SHED, DELAY_US = range(9)
+N_COUNTERS = 9
 WORKER_STATS_BYTES = 8 * (N_COUNTERS + 2 * N_BUCKETS)
 
 
@@ -52,6 +53,7 @@ class WorkerStats:
             "busy_s": c[BUSY_NS] / 1e9,
             "replayed_frames": c[REPLAYED],
             "shed_frames": c[SHED],
+            "batch_delay_us": c[DELAY_US],
             "queue_hist": [int(v) for v in self.queue_hist],
             "compute_hist": [int(v) for v in self.compute_hist],
         }

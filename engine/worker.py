@@ -29,7 +29,7 @@ from engine.logs import setup_logging
 from engine.layout import StateLayout, WorkerLayout
 from engine.models.base import ModelSpec, StreamingModel
 from engine.models.silero import load_model
-from engine.stats import BUSY_NS, FRAMES, REPLAYED, SHED, STARTED_NS, WorkerStats
+from engine.stats import BUSY_NS, DELAY_US, FRAMES, REPLAYED, SHED, STARTED_NS, WorkerStats
 from transport import records
 from transport.doorbell import Doorbell
 from transport.ring import Ring
@@ -38,9 +38,11 @@ from transport.shm import Segment
 log = logging.getLogger("ringserve.worker")
 _NEVER = 1 << 62  # a due time no frame reaches
 _RECHECK_S = 5.0  # bounds the cost of any lost wake-up; normal wake-ups come from the doorbell
-_RATE_WINDOW_NS = 250_000_000  # how often the arrival rate that decides batching waits is re-measured
+_RATE_WINDOW_NS = 250_000_000  # how often the arrival rate and busy share that set the wait are re-measured
 _GATHER_MIN_FRAMES = 2.0  # wait for a fuller batch only if at least this many more frames are expected
 _GATHER_ENOUGH = 64  # beyond this batch size a frame costs the model no less: stop waiting
+# Between these busy shares the wait grows from batch_delay_us to busy_batch_delay_us (see gather).
+_BUSY_LOW, _BUSY_HIGH = 0.4, 0.8
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class WorkerConfig:
     max_batch: int
     spin_us: int
     batch_delay_us: int
+    busy_batch_delay_us: int
     log_level: str = "info"
     log_format: str = "text"
 
@@ -86,7 +89,10 @@ class Worker:
         self.queues: dict[int, collections.deque[_Pending]] = {}
         self.window_start_ns = time.monotonic_ns()
         self.window_frames = 0
+        self.window_busy_ns = int(stats.counters[BUSY_NS])
         self.arrival_fps = 0.0
+        self.delay_ns = cfg.batch_delay_us * 1000
+        stats.counters[DELAY_US] = cfg.batch_delay_us
 
     def drain_input(self) -> None:
         while (item := self.in_ring.next_record()) is not None:
@@ -194,26 +200,46 @@ class Worker:
         del out, view
         self.out_ring.commit()
 
-    def gather(self, delay_ns: int) -> None:
-        """Let the oldest queued frame wait up to ``delay_ns`` for a fuller batch.
+    def gather(self) -> None:
+        """Let the oldest queued frame wait a while for a fuller batch.
 
-        Silero costs ~150 us per call however small the batch, so on a busy worker a few
-        milliseconds of waiting lower the CPU each frame costs; on a quiet one nothing more would
-        arrive, so it does not wait (the arrival rate decides). It sleeps rather than spins:
-        the frames it waits for come from a front-end that needs a core.
+        A batch has a large fixed cost besides the model's per-frame one: on a machine whose
+        cores the front-end and other workers share, every wake-up finds the caches cold, so
+        a busy worker spends far less CPU per frame on larger, rarer batches (measured in
+        docs/benchmarks.md: 172 -> 125 us per frame when the wait went from 2 to 12 ms).
+        The wait costs latency, so it grows with need: ``batch_delay_us`` while the worker's
+        model is busy under 40 % of the time, rising to ``busy_batch_delay_us`` at 80 %. On
+        a quiet worker nothing more would arrive, so it does not wait at all (the arrival rate
+        decides). It sleeps rather than spins: the frames it waits for come from a front-end
+        that needs a core.
         """
         now = time.monotonic_ns()
-        if now - self.window_start_ns >= _RATE_WINDOW_NS:
-            self.arrival_fps = self.window_frames * 1e9 / (now - self.window_start_ns)
-            self.window_start_ns, self.window_frames = now, 0
-        wait_ns = self.records[0].enqueued_ns + delay_ns - now
+        wait_ns = self.records[0].enqueued_ns + self.delay_ns - now
         if wait_ns > 0 and self.arrival_fps * wait_ns / 1e9 >= _GATHER_MIN_FRAMES:
             time.sleep(wait_ns / 1e9)
             self.drain_input()
 
+    def measure_load(self) -> None:
+        """Every _RATE_WINDOW_NS: the arrival rate and busy share, and the wait they call for."""
+        now = time.monotonic_ns()
+        span = now - self.window_start_ns
+        if span < _RATE_WINDOW_NS:
+            return
+        busy_ns = int(self.stats.counters[BUSY_NS])
+        self.arrival_fps = self.window_frames * 1e9 / span
+        self.delay_ns = self._delay_for((busy_ns - self.window_busy_ns) / span)
+        self.stats.counters[DELAY_US] = self.delay_ns // 1000
+        self.window_start_ns, self.window_frames, self.window_busy_ns = now, 0, busy_ns
+
+    def _delay_for(self, busy_share: float) -> int:
+        low = self.cfg.batch_delay_us * 1000
+        high = max(low, self.cfg.busy_batch_delay_us * 1000)
+        ramp = min(1.0, max(0.0, (busy_share - _BUSY_LOW) / (_BUSY_HIGH - _BUSY_LOW)))
+        return int(low + ramp * (high - low))
+
     def serve(self, death_fd: int) -> None:
         spin_s = self.cfg.spin_us / 1e6
-        delay_ns = self.cfg.batch_delay_us * 1000
+        waits = self.cfg.batch_delay_us or self.cfg.busy_batch_delay_us
         counters = self.stats.counters
         while True:
             self.drain_input()
@@ -222,8 +248,10 @@ class Worker:
                 if death_fd in ready:
                     return
                 continue
-            if delay_ns and len(self.queues) < min(self.cfg.max_batch, _GATHER_ENOUGH):
-                self.gather(delay_ns)
+            if waits:
+                self.measure_load()
+                if len(self.queues) < min(self.cfg.max_batch, _GATHER_ENOUGH):
+                    self.gather()
             busy_from = time.monotonic_ns()
             self.run_batch()
             counters[BUSY_NS] += time.monotonic_ns() - busy_from
