@@ -39,8 +39,9 @@ log = logging.getLogger("ringserve.worker")
 _NEVER = 1 << 62  # a due time no frame reaches
 _RECHECK_S = 5.0  # bounds the cost of any lost wake-up; normal wake-ups come from the doorbell
 _RATE_WINDOW_NS = 250_000_000  # how often the arrival rate and busy share that set the wait are re-measured
-_GATHER_MIN_FRAMES = 2.0  # wait for a fuller batch only if at least this many more frames are expected
+_GATHER_MIN_FRAMES = 2.0  # wait for a fuller batch only if at least this many more streams may join it
 _GATHER_ENOUGH = 64  # beyond this batch size a frame costs the model no less: stop waiting
+_GATHER_SLICE_NS = 1_000_000  # a waiting worker looks at its ring this often
 # Between these busy shares the wait grows from batch_delay_us to busy_batch_delay_us (see gather).
 _BUSY_LOW, _BUSY_HIGH = 0.4, 0.8
 
@@ -90,7 +91,9 @@ class Worker:
         self.window_start_ns = time.monotonic_ns()
         self.window_frames = 0
         self.window_busy_ns = int(stats.counters[BUSY_NS])
+        self.window_slots: set[int] = set()
         self.arrival_fps = 0.0
+        self.active_streams = 0  # streams that sent frames in the last window
         self.delay_ns = cfg.batch_delay_us * 1000
         stats.counters[DELAY_US] = cfg.batch_delay_us
 
@@ -113,6 +116,7 @@ class Worker:
                     self.stats.counters[REPLAYED] += 1
                     continue
                 rec.remaining += 1
+                self.window_slots.add(slot)
                 queue = self.queues.get(slot)
                 if queue is None:
                     queue = self.queues[slot] = collections.deque()
@@ -209,14 +213,20 @@ class Worker:
         docs/benchmarks.md: 172 -> 125 us per frame when the wait went from 2 to 12 ms).
         The wait costs latency, so it grows with need: ``batch_delay_us`` while the worker's
         model is busy under 40 % of the time, rising to ``busy_batch_delay_us`` at 80 %. On
-        a quiet worker nothing more would arrive, so it does not wait at all (the arrival rate
-        decides). It sleeps rather than spins: the frames it waits for come from a front-end
-        that needs a core.
+        a quiet worker nothing more would arrive, and when every active stream already has a
+        frame queued the batch cannot grow (one frame per stream), so then it does not wait at
+        all. It sleeps rather than spins: the frames it waits for come from a front-end that
+        needs a core.
         """
-        now = time.monotonic_ns()
-        wait_ns = self.records[0].enqueued_ns + self.delay_ns - now
-        if wait_ns > 0 and self.arrival_fps * wait_ns / 1e9 >= _GATHER_MIN_FRAMES:
-            time.sleep(wait_ns / 1e9)
+        until = self.records[0].enqueued_ns + self.delay_ns
+        enough = min(self.cfg.max_batch, _GATHER_ENOUGH)
+        # In slices: the frames of one client message reach the ring over tens of microseconds,
+        # so whether every active stream is queued is only known a little after waking.
+        while (left_ns := until - time.monotonic_ns()) > 0 and len(self.queues) < enough:
+            joining = min(self.arrival_fps * left_ns / 1e9, self.active_streams - len(self.queues))
+            if joining < _GATHER_MIN_FRAMES:
+                return
+            time.sleep(min(left_ns, _GATHER_SLICE_NS) / 1e9)
             self.drain_input()
 
     def measure_load(self) -> None:
@@ -227,6 +237,8 @@ class Worker:
             return
         busy_ns = int(self.stats.counters[BUSY_NS])
         self.arrival_fps = self.window_frames * 1e9 / span
+        self.active_streams = len(self.window_slots)
+        self.window_slots.clear()
         self.delay_ns = self._delay_for((busy_ns - self.window_busy_ns) / span)
         self.stats.counters[DELAY_US] = self.delay_ns // 1000
         self.window_start_ns, self.window_frames, self.window_busy_ns = now, 0, busy_ns
@@ -283,9 +295,9 @@ def worker_main(cfg: WorkerConfig, in_bell: Doorbell, out_bell: Doorbell,
         stats.counters[STARTED_NS] = time.monotonic_ns()
     log.info("model loaded and warmed up (pid %d, provider %s, max batch %d)", os.getpid(), model.provider,
              cfg.max_batch)
+    worker = Worker(cfg, model, in_ring, out_ring, states, done, stats)  # before READY: it sets the stats' gauge
     ready_conn.send(("ready", {"pid": os.getpid(), "provider": model.provider}))
     ready_conn.close()
-    worker = Worker(cfg, model, in_ring, out_ring, states, done, stats)
     worker.serve(death_conn.fileno())
     log.info("[shutdown] daemon gone; %d frames run in this process", int(stats.counters[FRAMES]))
     os._exit(0)  # skip interpreter teardown: numpy views still point into the mappings

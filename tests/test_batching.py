@@ -55,3 +55,29 @@ def test_busy_worker_waits_longer_for_fuller_batches() -> None:
             assert _worker_delay_us(client) == FLOOR_US
     finally:
         assert daemon.stop(signal.SIGTERM) == 0, daemon.log()
+
+
+def test_no_wait_when_every_active_stream_is_already_queued() -> None:
+    """One frame per stream per batch: once each active stream has a frame queued, waiting
+    cannot make the batch any fuller, so the worker must run it at once rather than hold every
+    frame for the whole (here 200 ms) wait."""
+    delay_us = 200_000
+    daemon = spawn_daemon("--workers", "1", "--batch-delay-us", str(delay_us))
+    try:
+        frame = _speech(512)
+        with Client(daemon.endpoint, timeout=60) as client:
+            streams = [client.open_stream(window=1) for _ in range(4)]
+            before = client.stats()
+            rounds, until = 0, time.monotonic() + 1.5  # six measurement windows of the worker's load
+            while time.monotonic() < until:  # every stream's frame in one message, then all their results
+                for pending in client.submit_many([(stream, frame) for stream in streams]):
+                    assert len(pending.result()) == 1
+                rounds += 1
+            after = client.stats()
+        frames = after["frames"] - before["frames"]
+        queued_ms = 1000 * (after["queue_s_total"] - before["queue_s_total"]) / frames
+        assert frames == rounds * len(streams)
+        assert queued_ms < delay_us / 1000 / 20, f"frames waited {queued_ms:.1f} ms on average for a batch " \
+                                                "that could not grow"
+    finally:
+        assert daemon.stop(signal.SIGTERM) == 0, daemon.log()

@@ -16,7 +16,7 @@ landscape):
    cores+1 and a few between), then the midpoints around the best until its neighbours are
    measured. On a 2-core machine that is simply 1, 2 and 3.
 2. hill climbing from the best worker count over the other ServeConfig knobs that move
-   throughput or latency (max_batch, batch_delay_us, spin_us, intra_op_threads, then workers
+   throughput or latency (max_batch, batch_delay_us, busy_batch_delay_us, spin_us, intra_op_threads, then workers
    again): one grid step at a time, keep going while it improves by more than the noise
    margin, until a pass moves nothing or the evaluation budget is spent.
 3. a same-run final: the best two, the default and the worst configuration are measured

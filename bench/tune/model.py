@@ -9,7 +9,7 @@ from typing import Any
 
 from engine.config import ServeConfig
 
-TUNED_KEYS = ("workers", "intra_op_threads", "max_batch", "batch_delay_us", "spin_us")
+TUNED_KEYS = ("workers", "intra_op_threads", "max_batch", "batch_delay_us", "spin_us", "busy_batch_delay_us")
 
 
 # ---- configurations --------------------------------------------------------------------
@@ -23,6 +23,7 @@ class Knobs:
     max_batch: int
     batch_delay_us: int
     spin_us: int
+    busy_batch_delay_us: int = ServeConfig.busy_batch_delay_us
 
     @classmethod
     def default(cls) -> Knobs:
@@ -57,6 +58,7 @@ def knob_grid(cores: int, default: Knobs) -> dict[str, tuple[int, ...]]:
         "max_batch": (16, 32, 64, 128, 256, 512, 1024, 2048),
         "batch_delay_us": (0, 200, 500, 1000, 2000, 4000),
         "spin_us": (0, 20, 50, 200, 1000),
+        "busy_batch_delay_us": (2000, 4000, 8000, 16000),
     }
     return {key: tuple(sorted({*values, getattr(default, key)})) for key, values in grid.items()}
 

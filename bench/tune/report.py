@@ -93,11 +93,12 @@ def _row(m: Measurement) -> str:
     diag = (f"{d.mean_busy:>5.0%} {d.avg_batch:>6.1f} {d.queue_ms_per_frame:>6.2f} {d.compute_us_per_frame:>6.0f} "
             f"{d.frontend_cores:>5.2f} {d.other_cores:>5.2f}" if d else f"{'':>5} {'':>6} {'':>6} {'':>6} {'':>5} {'':>5}")
     cap = "FAILED" if m.error else f"{m.capacity_streams}"
-    return (f"{k.workers:>2} {k.intra_op_threads:>3} {k.max_batch:>5} {k.batch_delay_us:>6} {k.spin_us:>5} "
+    return (f"{k.workers:>2} {k.intra_op_threads:>3} {k.max_batch:>5} {k.batch_delay_us:>6} {k.busy_batch_delay_us:>6} "
+            f"{k.spin_us:>5} "
             f"{cap:>8} {m.saturation_fps:>8.0f} {p99:>6} {diag} {m.phase:>7}")
 
 
-_HEAD = (f"{'W':>2} {'thr':>3} {'batch':>5} {'delay':>6} {'spin':>5} {'capacity':>8} {'sat fps':>8} {'p99ms':>6} "
+_HEAD = (f"{'W':>2} {'thr':>3} {'batch':>5} {'delay':>6} {'bdelay':>6} {'spin':>5} {'capacity':>8} {'sat fps':>8} {'p99ms':>6} "
          f"{'busy':>5} {'avgB':>6} {'q ms':>6} {'c us':>6} {'fe':>5} {'other':>5} {'phase':>7}")
 
 
@@ -106,7 +107,8 @@ def format_report(result: TuneResult, *, budget_ms: float, shape: str, loadavg: 
     title = f"every configuration tried, best first (capacity: streams in real time at p99 <= {budget_ms:g} ms, "
     lines = [title + f"shape {shape})", "  " + _HEAD]
     lines += ["  " + _row(m) for m in result.ranked()]
-    lines += ["  W workers, thr intra-op threads, batch max_batch, delay batch_delay_us, spin spin_us;",
+    lines += ["  W workers, thr intra-op threads, batch max_batch, delay batch_delay_us, bdelay busy_batch_delay_us,",
+              "  spin spin_us;",
               "  at the busiest 2 s: busy = worker busy share, avgB = frames per batch, q ms = queueing and",
               "  c us = compute per frame, fe = front-end cores, other = cores used by neither the engine nor",
               "  the bench (other people's work on a shared machine)", ""]

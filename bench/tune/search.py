@@ -27,7 +27,8 @@ def make_plan(cores: int, quick: bool, max_evals: int | None = None, minutes: fl
         return Plan(quick=True, max_evals=max_evals or workers_points + 2, climb_knobs=("max_batch", "spin_us"),
                     final_rounds=1, time_budget_s=budget_s or 160.0, final_worst=False)
     return Plan(quick=False, max_evals=max_evals or workers_points + 10,
-                climb_knobs=("max_batch", "batch_delay_us", "spin_us", "intra_op_threads", "workers"),
+                climb_knobs=("max_batch", "batch_delay_us", "busy_batch_delay_us", "spin_us", "intra_op_threads",
+                             "workers"),
                 final_rounds=2, time_budget_s=budget_s)
 
 
