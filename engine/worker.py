@@ -39,7 +39,7 @@ log = logging.getLogger("ringserve.worker")
 _NEVER = 1 << 62  # a due time no frame reaches
 _RECHECK_S = 5.0  # bounds the cost of any lost wake-up; normal wake-ups come from the doorbell
 _RATE_WINDOW_NS = 250_000_000  # how often the arrival rate and busy share that set the wait are re-measured
-_GATHER_MIN_FRAMES = 2.0  # wait for a fuller batch only if at least this many more streams may join it
+_GATHER_MIN_JOINING = 2.0  # wait for a fuller batch only if at least this many more streams may join it
 _GATHER_ENOUGH = 64  # beyond this batch size a frame costs the model no less: stop waiting
 _GATHER_SLICE_NS = 1_000_000  # a waiting worker looks at its ring this often
 # Between these busy shares the wait grows from batch_delay_us to busy_batch_delay_us (see gather).
@@ -224,7 +224,7 @@ class Worker:
         # so whether every active stream is queued is only known a little after waking.
         while (left_ns := until - time.monotonic_ns()) > 0 and len(self.queues) < enough:
             joining = min(self.arrival_fps * left_ns / 1e9, self.active_streams - len(self.queues))
-            if joining < _GATHER_MIN_FRAMES:
+            if joining < _GATHER_MIN_JOINING:
                 return
             time.sleep(min(left_ns, _GATHER_SLICE_NS) / 1e9)
             self.drain_input()
