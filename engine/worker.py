@@ -116,12 +116,12 @@ class Worker:
                     self.stats.counters[REPLAYED] += 1
                     continue
                 rec.remaining += 1
-                self.window_slots.add(slot)
                 queue = self.queues.get(slot)
                 if queue is None:
                     queue = self.queues[slot] = collections.deque()
                 queue.append((rec, row, seq, slot, bool(flags[row] & records.FLAG_FRESH), due0 + row * frame_ns))
             self.window_frames += rec.remaining
+            self.window_slots.update(slots)  # once per record, not per frame; replays count too, harmlessly
             self.records.append(rec)
 
     def run_batch(self) -> None:
