@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from engine.frame_sets import take_frame_set
 from engine.stats import BUCKETS_US, N_BUCKETS
 from engine.streams import PendingChunk, Stream
 from engine.vad_events import SpeechSegmenter, VadParams
@@ -36,12 +37,17 @@ _NUMPY_DTYPES = {int(k): v for k, v in P.NUMPY_DTYPES.items()}  # plain-int keys
 # this long: its read time is its arrival time (see StreamTable.arrival).
 _FRESH_NS = 20_000_000
 _NAN = array.array("f", [math.nan])
+# A stream buffer's room in the table's matrix (one 4 KiB page): context plus a frame, with
+# room for a partial one; a stream whose chunks need more grows a private buffer.
+BUFFER_SAMPLES = 1024
 
 
 class Outlet(Protocol):
     def send(self, identity: bytes, payload: bytes) -> None: ...
     def queue_result(self, identity: bytes, item: bytes) -> None: ...
     def write_frames(self, stream: Stream, count: int, arrived_ns: int) -> None: ...
+    def write_frame_set(self, worker: int, count: int, width: int, rate: int, arrived_ns: int, shed_after_ms: int,
+                        fill: Callable[[np.ndarray, np.ndarray], None]) -> None: ...
     def room_for(self, worker: int, nbytes: int) -> bool: ...
 
 
@@ -66,6 +72,9 @@ class StreamTable:
         self.outlet: Outlet | None = None
         self.streams: dict[tuple[bytes, int], Stream] = {}
         self.by_slot: list[Stream | None] = [None] * max_streams
+        # Every slot's stream buffer, one page each: np.zeros maps it lazily, so a slot
+        # costs memory only once a stream has used it.
+        self.buffers = np.zeros((max_streams, BUFFER_SAMPLES), np.float32)
         self.slot_seq = [0] * max_streams  # next seq per slot; never reused, see worker.py
         self.free_slots = list(range(max_streams - 1, -1, -1))
         self.quarantine: list[tuple[int, int, int]] = []  # (slot, worker, ring position)
@@ -87,9 +96,9 @@ class StreamTable:
             if msg_type == MsgType.AUDIO:
                 self.on_audio(identity, request_id, msg)
             elif msg_type == MsgType.PING:
-                self._out().send(identity, P.header(MsgType.PONG, request_id) + self._instance_json)
+                self.out().send(identity, P.header(MsgType.PONG, request_id) + self._instance_json)
             elif msg_type == MsgType.STATS:
-                self._out().send(identity, P.header(MsgType.STATS_REPLY, request_id)
+                self.out().send(identity, P.header(MsgType.STATS_REPLY, request_id)
                                  + P.encode_json(self.stats_provider()))
             elif msg_type in (MsgType.OPEN, MsgType.RESET, MsgType.CLOSE):
                 stream_id = P.parse_stream_id(msg)
@@ -102,14 +111,14 @@ class StreamTable:
         except ProtocolError as exc:
             self.error(identity, request_id, stream_id, 0, exc.code, str(exc))
 
-    def _out(self) -> Outlet:
+    def out(self) -> Outlet:
         assert self.outlet is not None
         return self.outlet
 
     def error(self, identity: bytes, request_id: int, stream_id: int, chunk_seq: int,
               code: ErrorCode, text: str) -> None:
         self.counters[f"errors_{code.name.lower()}"] += 1
-        self._out().send(identity, P.encode_error(request_id, stream_id, chunk_seq, code, text))
+        self.out().send(identity, P.encode_error(request_id, stream_id, chunk_seq, code, text))
 
     # ---- open / reset / close ------------------------------------------------------------
     def on_open(self, identity: bytes, request_id: int, stream_id: int, body: bytes) -> None:
@@ -158,7 +167,8 @@ class StreamTable:
         self.worker_load[worker] += 1
         stream = Stream(identity, stream_id, slot, worker, rate, self.frame_samples[rate],
                         self.context_samples[rate], P.DTYPE_NAMES[dtype_name],
-                        SpeechSegmenter(vad_params, rate), self.slot_seq[slot], time.monotonic())
+                        SpeechSegmenter(vad_params, rate), self.slot_seq[slot], time.monotonic(),
+                        self.buffers[slot])
         stream.shed_after_ms = shed_after_ms
         self.streams[key] = self.by_slot[slot] = stream
         self.per_connection[identity] += 1
@@ -167,7 +177,7 @@ class StreamTable:
                  "dtype": dtype_name, "vad": vad_params.to_dict(), "max_message_bytes": self.max_message_bytes,
                  "max_items_per_message": self.max_items_per_message, "shed_after_ms": shed_after_ms,
                  "instance": self.instance}
-        self._out().send(identity, P.header(MsgType.OPENED, request_id) + P.STREAM_ID.pack(stream_id)
+        self.out().send(identity, P.header(MsgType.OPENED, request_id) + P.STREAM_ID.pack(stream_id)
                          + P.encode_json(reply))
 
     def on_stream_op(self, identity: bytes, request_id: int, stream_id: int, op: int) -> None:
@@ -179,7 +189,7 @@ class StreamTable:
         else:
             stream.closing = True
             if stream.pad_final():
-                self._out().write_frames(stream, 1, time.monotonic_ns())
+                self.out().write_frames(stream, 1, time.monotonic_ns())
                 self.counters["frames_in"] += 1
             stream.chunks.append(PendingChunk(P.CLOSE_SEQ, request_id, stream.next_seq, kind="close"))
         self.complete_chunks(stream)
@@ -196,6 +206,8 @@ class StreamTable:
     def on_audio(self, identity: bytes, request_id: int, msg: bytes) -> None:
         # Each item costs the front-end tens of microseconds however small it is: a message with
         # too many is refused whole, as is a malformed one, before any item of it is used.
+        if take_frame_set(self, identity, request_id, msg):
+            return
         limit = self.max_items_per_message
         items = P.audio_items(msg, limit)
         if len(items) > limit:
@@ -238,7 +250,7 @@ class StreamTable:
             raise ProtocolError(ErrorCode.LIMIT, f"stream {stream_id} would have {stream.in_flight + new_frames} "
                                 f"frames in flight, over max_in_flight_frames={self.max_in_flight}; "
                                 "wait for results or send smaller chunks")
-        if not shed and new_frames and not self._out().room_for(
+        if not shed and new_frames and not self.out().room_for(
                 stream.worker, records.frames_record_bytes(new_frames, stream.frame + stream.context)):
             if not stream.shed_after_ms:  # this stream asked never to be shed: refuse, so it can retry
                 self.counters["frames_refused_overloaded"] += new_frames
@@ -252,15 +264,18 @@ class StreamTable:
         chunk = PendingChunk(chunk_seq, request_id, stream.next_seq, arrived=arrived_ns / 1e9)
         if shed:
             stream.drop_frames(count)
-            chunk.shed = chunk.shed_at_intake = count
-            chunk.probs.extend(_NAN * count)
-            self.counters["frames_shed_at_intake"] += count
+            self.shed_at_intake(chunk, count)
         elif count:
-            self._out().write_frames(stream, count, arrived_ns)
+            self.out().write_frames(stream, count, arrived_ns)
             chunk.end_seq = stream.next_seq
         stream.chunks.append(chunk)
         if chunk.end_seq <= stream.expected_seq:
             self.complete_chunks(stream)
+
+    def shed_at_intake(self, chunk: PendingChunk, count: int) -> None:
+        chunk.shed = chunk.shed_at_intake = count
+        chunk.probs.extend(_NAN * count)
+        self.counters["frames_shed_at_intake"] += count
 
     def arrival(self, stream: Stream, samples: int, now_ns: int) -> int:
         """When this chunk reached the daemon, estimated: it may have waited in ZeroMQ's queue.
@@ -308,7 +323,7 @@ class StreamTable:
             if chunk.kind == "reset":
                 stream.segmenter.reset()
                 stream.frame_base = stream.expected_seq
-                self._out().send(stream.identity, P.header(MsgType.RESET_DONE, chunk.request_id)
+                self.out().send(stream.identity, P.header(MsgType.RESET_DONE, chunk.request_id)
                                  + P.STREAM_ID.pack(stream.stream_id))
                 continue
             if chunk.shed_at_intake:  # its frames take their place in the stream only now, in order
@@ -325,7 +340,7 @@ class StreamTable:
             if chunk.kind == "close":
                 chunk.events.extend((e.kind, e.frame, e.sample) for e in stream.segmenter.finish(stream.samples_in))
                 flags |= P.ResultFlag.FINAL
-            self._out().queue_result(stream.identity, P.encode_result_item(
+            self.out().queue_result(stream.identity, P.encode_result_item(
                 stream.stream_id, chunk.chunk_seq, first, chunk.probs.tobytes(), chunk.events, flags))
             if chunk.kind == "close":
                 self.release(stream)

@@ -110,18 +110,21 @@ class FrontEnd:
     def room_for(self, worker: int, nbytes: int) -> bool:
         return self.links[worker].has_room(nbytes)
 
+    def _reserve(self, link: WorkerLink, size: int) -> tuple[memoryview, bool]:
+        """Room for a record: in the ring, or (if it is full, or records already wait) at the
+        end of the worker's backlog. The bool says whether it must be committed to the ring."""
+        view = None if link.backlog else link.in_ring.reserve(size)
+        if view is not None:
+            return view, True
+        spill = bytearray(size)
+        link.backlog.append(spill)
+        link.backlog_bytes += size
+        return memoryview(spill), False
+
     def write_frames(self, stream: Stream, count: int, arrived_ns: int) -> None:
         link = self.links[stream.worker]
         width = stream.context + stream.frame
-        size = records.frames_record_bytes(count, width)
-        view = None if link.backlog else link.in_ring.reserve(size)
-        if view is None:
-            spill = bytearray(size)
-            link.backlog.append(spill)
-            link.backlog_bytes += size
-            target = memoryview(spill)
-        else:
-            target = view
+        target, in_ring = self._reserve(link, records.frames_record_bytes(count, width))
         records.FRAMES_HEADER.pack_into(target, 0, records.KIND_FRAMES, count, width, stream.rate,
                                         arrived_ns, stream.shed_after_ms)
         flags = records.FLAG_FRESH if stream.fresh else 0
@@ -139,8 +142,20 @@ class FrontEnd:
         stream.take_frames(count, audio)
         del audio, target
         stream.next_seq += count
-        if view is not None:
-            del view
+        if in_ring:
+            link.in_ring.commit()
+
+    def write_frame_set(self, worker: int, count: int, width: int, rate: int, arrived_ns: int, shed_after_ms: int,
+                        fill: Callable[[np.ndarray, np.ndarray], None]) -> None:
+        """One record holding one frame each of ``count`` streams (engine/frame_sets.py);
+        ``fill`` writes its frame metadata and model inputs in place."""
+        link = self.links[worker]
+        target, in_ring = self._reserve(link, records.frames_record_bytes(count, width))
+        records.FRAMES_HEADER.pack_into(target, 0, records.KIND_FRAME_SET, count, width, rate, arrived_ns,
+                                        shed_after_ms)
+        fill(*records.frames_views(target, count, width))
+        del target
+        if in_ring:
             link.in_ring.commit()
 
     # ---- results from workers ------------------------------------------------------------

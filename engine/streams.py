@@ -38,11 +38,11 @@ class Stream:
     __slots__ = ("identity", "stream_id", "slot", "worker", "rate", "frame", "context", "dtype",
                  "buf", "buf_len", "next_seq", "expected_seq", "frame_base", "fresh", "segmenter",
                  "samples_in", "samples_out", "chunks", "closing", "last_active", "shed_after_ms",
-                 "ns_per_sample", "audio_ns", "clock_ns")
+                 "ns_per_sample", "audio_ns", "clock_ns", "row")
 
     def __init__(self, identity: bytes, stream_id: int, slot: int, worker: int, rate: int,
                  frame: int, context: int, dtype: int, segmenter: SpeechSegmenter, first_seq: int,
-                 now: float) -> None:
+                 now: float, row: np.ndarray) -> None:
         self.identity = identity
         self.stream_id = stream_id
         self.slot = slot
@@ -51,7 +51,12 @@ class Stream:
         self.frame = frame
         self.context = context
         self.dtype = dtype
-        self.buf = np.zeros(max(4096, 4 * (frame + context)), np.float32)
+        # The buffer is the slot's row of the table's sample matrix (so frame sets can gather
+        # and scatter every stream's context at once, engine/frame_sets.py) until a chunk
+        # needs more room; then a private array, until the frame-set path moves it back.
+        self.row = row
+        self.buf = row
+        row[:context] = 0.0
         self.buf_len = context  # the first `context` samples are history (zeros at start)
         self.next_seq = first_seq  # seq of the next frame sent to the worker
         self.expected_seq = first_seq  # seq of the next result the front-end waits for

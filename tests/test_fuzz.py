@@ -231,7 +231,7 @@ WEIGHTS = {"random_bytes": 3, "short_or_empty": 1, "bad_version": 2, "unknown_ty
            "foreign_stream_op": 3, "audio_no_items": 1, "audio_lying_lengths": 3, "audio_foreign_stream": 2,
            "audio_bad_samples": 3, "audio_own_mixed": 2, "open_hostile_json": 3, "open_malformed_json": 2,
            "own_stream_op": 1, "multi_frame": 2, "oversized_readable": 1, "ping_stats_trailing_junk": 1,
-           "audio_too_many_items": 1}
+           "audio_too_many_items": 1, "audio_frame_set": 2}
 _CATEGORY_LIST = [name for name, weight in WEIGHTS.items() for _ in range(weight)]
 _NO_SPEC: st.SearchStrategy[tuple[Any, ...]] = st.just(())
 
@@ -388,6 +388,25 @@ class Fuzzer:
             pcm = _pcm(own[sid], rng.choice([0, 1, 100, 511, 512, 513, 2000, 4096]), rng, self.speech)
             items.append(P.AUDIO_ITEM.pack(sid, rid, own[sid], len(pcm)) + pcm)
         return Msg([P.header(MsgType.AUDIO, rid) + b"".join(items)], "audio_own_mixed", rid, None)
+
+    def build_audio_frame_set(self, s: FuzzSocket, rng: random.Random) -> Msg:
+        """Gateway-shaped (engine/frame_sets.py takes these in bulk): 4 to MAX_ITEMS items of one
+        size and dtype, mostly one frame each for the socket's own streams, mixed with foreign or
+        unknown streams, streams of the other dtype, repeated streams and NaN frames."""
+        rid = s.rid()
+        dtype = rng.choice([DType.INT16, DType.FLOAT32])
+        n_samples = rng.choice([512, 512, 512, 256, 1024])
+        own = sorted(s.own())
+        items = []
+        for _ in range(rng.randrange(4, MAX_ITEMS + 1)):
+            sid = rng.randrange(2**32) if rng.random() < 0.15 else rng.choice(own)
+            pcm = _pcm(dtype, n_samples, rng, self.speech)
+            if dtype == DType.FLOAT32 and rng.random() < 0.1:
+                samples = np.frombuffer(pcm, "<f4").copy()
+                samples[rng.randrange(n_samples)] = np.nan
+                pcm = samples.tobytes()
+            items.append(P.AUDIO_ITEM.pack(sid, rid, dtype, len(pcm)) + pcm)
+        return Msg([P.header(MsgType.AUDIO, rid) + b"".join(items)], "audio_frame_set", rid, None)
 
     def build_audio_too_many_items(self, s: FuzzSocket, rng: random.Random) -> Msg:
         """More than max_items_per_message items: valid chunks for the socket's own streams (each
@@ -657,6 +676,7 @@ def test_protocol_fuzz_against_live_daemon(fuzz_daemon: DaemonProcess) -> None:
     assert counters_after.get("errors_internal", 0) == 0
     assert errors_counted == errors_received
     assert counters_after.get("replies_dropped_slow_client", 0) == 0
+    assert counters_after.get("frames_in_frame_sets", 0) > 0  # the bulk intake path was exercised too
     assert rss_peak - rss_before < RSS_GROWTH_LIMIT_MIB, (rss_before, rss_peak)
 
 

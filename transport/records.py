@@ -1,8 +1,9 @@
 """Record formats on the inner hop (front-end <-> worker rings). Never seen by clients.
 
-FRAMES (front-end -> worker): the frames one chunk of one stream completed::
+FRAMES (front-end -> worker): the frames one chunk of one stream completed (kind 1), or one
+frame each of ``count`` different streams that one client message carried (kind 3, FRAME_SET)::
 
-    u32 kind=1 | u32 count | u32 samples_per_frame | u32 sample_rate | u64 enqueued_ns
+    u32 kind=1|3 | u32 count | u32 samples_per_frame | u32 sample_rate | u64 enqueued_ns
     | u32 shed_after_ms (0: never shed) | u32 reserved
     count x FRAME_META {u64 seq, u32 slot, u32 flags}
     count x samples_per_frame float32        (model input: context + new samples)
@@ -17,6 +18,10 @@ have waited in ZeroMQ's queue first, see engine/control.py ``arrival``): the wor
 deadlines count from it. ``seq`` is the stream's frame counter since it opened. The worker reads state buffer
 ``seq & 1`` of the stream's state slot and writes buffer ``(seq + 1) & 1``, so a frame that
 is run twice (after a worker crash) reads the same state both times.
+
+In a FRAMES record frame *i* is *i* frame-durations later in its stream's audio than frame 0,
+so its shed deadline is that much later too; in a FRAME_SET every frame has the same deadline
+(``enqueued_ns`` is then the earliest arrival among the set's chunks).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 
 KIND_FRAMES = 1
 KIND_RESULTS = 2
+KIND_FRAME_SET = 3
 
 FLAG_FRESH = 1  # start from zero state: first frame after open or reset
 
