@@ -204,10 +204,10 @@ class StreamTable:
 
     # ---- audio -------------------------------------------------------------------------
     def on_audio(self, identity: bytes, request_id: int, msg: bytes) -> None:
-        # Each item costs the front-end tens of microseconds however small it is: a message with
-        # too many is refused whole, as is a malformed one, before any item of it is used.
         if take_frame_set(self, identity, request_id, msg):
             return
+        # Each item costs the front-end tens of microseconds however small it is: a message with
+        # too many is refused whole, as is a malformed one, before any item of it is used.
         limit = self.max_items_per_message
         items = P.audio_items(msg, limit)
         if len(items) > limit:
@@ -215,11 +215,11 @@ class StreamTable:
                                 "audio items; send fewer streams' chunks per message")
         for stream_id, chunk_seq, dtype, offset, nbytes in items:
             try:
-                self._audio_item(identity, request_id, stream_id, chunk_seq, dtype, msg, offset, nbytes)
+                self.audio_item(identity, request_id, stream_id, chunk_seq, dtype, msg, offset, nbytes)
             except ProtocolError as exc:
                 self.error(identity, request_id, stream_id, chunk_seq, exc.code, str(exc))
 
-    def _audio_item(self, identity: bytes, request_id: int, stream_id: int, chunk_seq: int, dtype: int,
+    def audio_item(self, identity: bytes, request_id: int, stream_id: int, chunk_seq: int, dtype: int,
                     msg: bytes, offset: int, nbytes: int) -> None:
         stream = self._stream(identity, stream_id)
         if dtype != stream.dtype:

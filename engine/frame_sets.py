@@ -1,7 +1,7 @@
 """A gateway's message, taken in bulk: one whole frame for each of many streams.
 
 A gateway multiplexes its microphones and sends, every tick, one message holding the next
-frame of each stream that is due. Taken item by item (StreamTable._audio_item) such a frame
+frame of each stream that is due. Taken item by item (StreamTable.audio_item) such a frame
 costs the front-end tens of microseconds of Python, and the front-end is one process: its
 cost per frame caps what any number of workers can serve. When every item of a message has
 the same size and dtype the items form a strided array, so validation, int16 scaling, the
@@ -155,7 +155,7 @@ def take_frame_set(table: StreamTable, identity: bytes, request_id: int, msg: by
     for i in one_by_one:
         offset = base + i * stride + P.AUDIO_ITEM.size
         try:
-            table._audio_item(identity, request_id, ids[i], chunk_seqs[i], dtype, msg, offset, nbytes)
+            table.audio_item(identity, request_id, ids[i], chunk_seqs[i], dtype, msg, offset, nbytes)
         except P.ProtocolError as exc:
             table.error(identity, request_id, ids[i], chunk_seqs[i], exc.code, str(exc))
     return True
@@ -175,7 +175,7 @@ def _model_inputs(buffers: np.ndarray, slots: np.ndarray, frames: np.ndarray, sc
 
 def _shed(table: StreamTable, shed: list[tuple[int, Stream, int]], pcm: np.ndarray, scale: np.float32 | None,
           request_id: int, chunk_seqs: list[int], now_s: float, context: int) -> None:
-    """Intake shedding, as StreamTable._audio_item does it: not run, but the audio still
+    """Intake shedding, as StreamTable.audio_item does it: not run, but the audio still
     becomes the context of the stream's next frame."""
     slots = np.array([stream.slot for _, stream, _ in shed], np.intp)
     frames = pcm[[i for i, _, _ in shed]]

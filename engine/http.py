@@ -69,6 +69,9 @@ class EngineCollector(Collector):
         yield CounterMetricFamily("ringserve_executions", "Model executions (batches)", value=stats["executions"])
         yield CounterMetricFamily("ringserve_frames_received", "Complete frames received from clients",
                                   value=counters.get("frames_in", 0))
+        yield CounterMetricFamily("ringserve_frames_in_frame_sets", "Frames of gateway messages the front-end took "
+                                  "in bulk (one frame for each of many streams per message)",
+                                  value=counters.get("frames_in_frame_sets", 0))
         yield CounterMetricFamily("ringserve_frames_answered", "Frame results delivered to clients",
                                   value=counters.get("frames_out", 0))
         shed = CounterMetricFamily("ringserve_frames_shed", "Frames shed under overload (NaN result sent), by "
