@@ -65,6 +65,11 @@ class StreamTable:
         self.shed_after_ms = shed_after_ms
         self.frame_samples = frame_samples
         self.context_samples = context_samples
+        # (wire dtype, bytes) of one whole frame -> (rate, samples): what a frame set may hold.
+        self.frame_shapes: dict[tuple[int, int], tuple[int, int]] = {}
+        for rate, frame in frame_samples.items():
+            for dtype, np_dtype in P.NUMPY_DTYPES.items():
+                self.frame_shapes.setdefault((int(dtype), frame * np_dtype.itemsize), (rate, frame))
         self.stats_provider = stats_provider
         # New at every daemon start: lets a client tell a restarted daemon from a slow one.
         self.instance = secrets.token_hex(8)

@@ -1,25 +1,29 @@
-"""A gateway's message, taken in bulk: one whole frame for each of many streams.
+"""One whole frame for each of many streams, taken in bulk.
 
-A gateway multiplexes its microphones and sends, every tick, one message holding the next
-frame of each stream that is due. Taken item by item (StreamTable.audio_item) such a frame
-costs the front-end tens of microseconds of Python, and the front-end is one process: its
-cost per frame caps what any number of workers can serve. When every item of a message has
-the same size and dtype the items form a strided array, so validation, int16 scaling, the
-64-sample context of every stream and the records to the workers are a few numpy operations
-per message; only the per-stream bookkeeping (sequence numbers, pending chunks, the audio
-clock) stays per item. The frames go to each worker as one FRAME_SET record
-(transport/records.py).
+Taken item by item (StreamTable.audio_item) a frame costs the front-end tens of microseconds
+of Python, and the front-end is one process: its cost per frame caps what any number of
+workers can serve. Frames that all have one size and dtype form an array, so validation,
+int16 scaling, the 64-sample context of every stream and the records to the workers are a
+few numpy operations for all of them; only the per-stream bookkeeping (sequence numbers,
+pending chunks, the audio clock) stays per item. The frames go to each worker as one
+FRAME_SET record (transport/records.py). Two traffic shapes give such frames:
+
+- a gateway multiplexes its microphones and sends, every tick, one message holding the next
+  frame of each stream that is due (``take_frame_set``);
+- devices each send one frame per message, and a busy front-end reads many of them at once
+  (``DeviceFrames``, fed by FrontEnd.pump_router).
 
 Items that do not fit the common case — a stream with a partial frame buffered, a chunk that
 is not exactly one frame, an unknown or closing stream, NaN samples, a stream at its in-flight
-limit — go through the item-by-item path, which produces their results or errors exactly as
-before. A message that names a stream twice, or whose items differ in size, is not taken here.
+limit, a stream's second frame in the same set — go through the item-by-item path after the
+set, which produces their results or errors exactly as before.
 """
 
 from __future__ import annotations
 
+import struct
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -31,41 +35,59 @@ from transport.protocol import ErrorCode
 if TYPE_CHECKING:
     from engine.control import StreamTable
 
-# Below this many items the numpy set-up costs more than it saves.
+# Below this many frames the numpy set-up costs more than it saves.
 MIN_ITEMS = 4
 _INT16_SCALE = np.float32(1.0 / 32768.0)
 _HEAD_WORDS = P.AUDIO_ITEM.size // 4
 _NEVER = 1 << 62
+# A device's one-frame AUDIO message: header (magic, version, type, request id), one item.
+_AUDIO_PREFIX = P.HEADER.pack(P.MAGIC, P.VERSION, P.MsgType.AUDIO, 0)[:4]
+_DEVICE_HEAD = struct.Struct("<4xIIIII")  # request_id, stream_id, chunk_seq, dtype, nbytes
+_DEVICE_PCM = _DEVICE_HEAD.size
 
 
 class _FrameSet:
-    """The frames of one message bound for one worker (with one shed deadline)."""
+    """The frames bound for one worker (with one shed deadline)."""
 
     __slots__ = ("taken", "slots", "seqs", "flags", "arrived_ns")
 
     def __init__(self) -> None:
-        self.taken: list[int] = []  # index among the message's frames taken here
+        self.taken: list[int] = []  # index among the frames taken in bulk
         self.slots: list[int] = []
         self.seqs: list[int] = []
         self.flags: list[int] = []
         self.arrived_ns = _NEVER  # the earliest arrival among them
 
 
+class _Frames:
+    """n one-frame chunks of one dtype and size, and where each came from."""
+
+    __slots__ = ("identities", "request_ids", "ids", "chunk_seqs", "pcm", "dtype", "locate", "one_by_one")
+
+    def __init__(self, identities: list[bytes], request_ids: list[int], ids: list[int], chunk_seqs: list[int],
+                 pcm: np.ndarray, dtype: int, locate: Callable[[int], tuple[bytes, int]]) -> None:
+        self.identities = identities
+        self.request_ids = request_ids
+        self.ids = ids
+        self.chunk_seqs = chunk_seqs
+        self.pcm = pcm  # [n, samples], the wire's dtype
+        self.dtype = dtype
+        self.locate = locate  # item i -> (message, offset of its PCM), for the item-by-item path
+        self.one_by_one: list[int] = []  # items that must take the item-by-item path
+
+
 def take_frame_set(table: StreamTable, identity: bytes, request_id: int, msg: bytes) -> bool:
     """Take ``msg`` (an AUDIO message) in bulk; False if it has not the frame-set shape and
-    nothing of it was used."""
+    nothing of it was used. A message that names a stream twice, or whose items differ in
+    size, is not taken here."""
     base = P.HEADER.size
     if len(msg) - base < MIN_ITEMS * P.AUDIO_ITEM.size:
         return False
     _, _, dtype, nbytes = P.AUDIO_ITEM.unpack_from(msg, base)
-    np_dtype = P.NUMPY_DTYPES.get(dtype)
-    if np_dtype is None or nbytes == 0 or nbytes % np_dtype.itemsize:
-        return False
-    samples = nbytes // np_dtype.itemsize
-    rates = [rate for rate, frame in table.frame_samples.items() if frame == samples]
+    shape = table.frame_shapes.get((dtype, nbytes))
     stride = P.AUDIO_ITEM.size + nbytes
     n, rest = divmod(len(msg) - base, stride)
-    if not rates or rest or not MIN_ITEMS <= n <= table.max_items_per_message:
+    if shape is None or rest or not MIN_ITEMS <= n <= table.max_items_per_message:
         return False
     heads = np.ndarray((n, _HEAD_WORDS), "<u4", msg, base, (stride, 4))
     # Every item claiming the first one's size is what makes this walk the same as the
@@ -75,29 +97,95 @@ def take_frame_set(table: StreamTable, identity: bytes, request_id: int, msg: by
     ids = heads[:, 0].tolist()
     if len(set(ids)) != n:
         return False
-    rate, context = rates[0], table.context_samples[rates[0]]
-    width = context + samples
+    np_dtype, samples = P.NUMPY_DTYPES[dtype], shape[1]
     pcm = np.ndarray((n, samples), np_dtype, msg, base + P.AUDIO_ITEM.size, (stride, np_dtype.itemsize))
-    chunk_seqs = heads[:, 1].tolist()
+    frames = _Frames([identity] * n, [request_id] * n, ids, heads[:, 1].tolist(), pcm, dtype,
+                     lambda i: (msg, base + i * stride + P.AUDIO_ITEM.size))
+    _take(table, frames)
+    return True
+
+
+class DeviceFrames:
+    """Devices' one-frame messages, read in one turn of the front-end, taken as one set.
+
+    The front-end offers every message it reads; one that is not a one-frame AUDIO message
+    (or differs in dtype or size from those collected) first flushes the collected ones, so
+    every client's messages are still handled in the order they arrived.
+    """
+
+    def __init__(self, table: StreamTable) -> None:
+        self.table = table
+        self.identities: list[bytes] = []
+        self.messages: list[bytes] = []
+        self.shape = (0, 0)  # (dtype, nbytes) of the collected messages
+
+    def offer(self, identity: bytes, msg: bytes) -> bool:
+        """Keep ``msg`` for the next flush if it is a device's one-frame AUDIO message."""
+        if msg[:4] != _AUDIO_PREFIX or len(msg) <= _DEVICE_PCM:
+            return False
+        dtype, nbytes = _DEVICE_HEAD.unpack_from(msg)[3:]
+        if nbytes != len(msg) - _DEVICE_PCM or (dtype, nbytes) not in self.table.frame_shapes:
+            return False
+        if (dtype, nbytes) != self.shape:
+            self.flush()
+            self.shape = (dtype, nbytes)
+        self.identities.append(identity)
+        self.messages.append(msg)
+        return True
+
+    def flush(self) -> None:
+        identities, messages = self.identities, self.messages
+        if not messages:
+            return
+        self.identities, self.messages = [], []
+        table = self.table
+        if len(messages) < MIN_ITEMS:
+            for identity, msg in zip(identities, messages):
+                table.on_message(identity, msg)
+            return
+        heads = [_DEVICE_HEAD.unpack_from(msg) for msg in messages]
+        dtype, nbytes = self.shape
+        pcm = np.frombuffer(b"".join([msg[_DEVICE_PCM:] for msg in messages]), P.NUMPY_DTYPES[P.DType(dtype)])
+        frames = _Frames(identities, [h[0] for h in heads], [h[1] for h in heads], [h[2] for h in heads],
+                         pcm.reshape(len(messages), -1), dtype, lambda i: (messages[i], _DEVICE_PCM))
+        # A stream's second frame in this set needs the first one's context: it waits for the
+        # item-by-item path, which runs after the set (and so do any later ones of that stream).
+        seen: set[tuple[bytes, int]] = set()
+        for i, key in enumerate(zip(identities, frames.ids)):
+            if key in seen:
+                frames.one_by_one.append(i)
+            seen.add(key)
+        _take(table, frames)
+
+
+def _take(table: StreamTable, frames: _Frames) -> None:
+    pcm, dtype = frames.pcm, frames.dtype
+    n, samples = pcm.shape
+    rate, _ = table.frame_shapes[(dtype, samples * pcm.itemsize)]
+    context = table.context_samples[rate]
+    width = context + samples
+    identities, request_ids, ids, chunk_seqs = frames.identities, frames.request_ids, frames.ids, frames.chunk_seqs
     finite = np.isfinite(pcm).all(axis=1).tolist() if dtype == P.DType.FLOAT32 else None
     out, streams, limit, counters = table.out(), table.streams, table.max_in_flight, table.counters
-    # Judged for the whole message, before any stream changes: at most this message's size
-    # more than the item-by-item path would allow.
+    # Judged for the whole set, before any stream changes: at most this set's size more than
+    # the item-by-item path would allow.
     room = [out.room_for(w, records.frames_record_bytes(n, width)) for w in range(len(table.worker_load))]
+    forced = set(frames.one_by_one)  # already bound for the item-by-item path
 
     sets: dict[tuple[int, int], _FrameSet] = {}
-    rows: list[int] = []  # items taken here, in message order
+    rows: list[int] = []  # items taken in bulk, in order
     slots: list[int] = []
     shed: list[tuple[int, Stream, int]] = []
-    one_by_one: list[int] = []
     now_ns = time.monotonic_ns()
     now_s = now_ns / 1e9
     for i, stream_id in enumerate(ids):
-        stream = streams.get((identity, stream_id))
-        if (stream is None or stream.closing or stream.dtype != dtype or stream.frame != samples
+        if i in forced:
+            continue
+        stream = streams.get((identities[i], stream_id))
+        if (stream is None or stream.closing or stream.dtype != dtype or stream.rate != rate
                 or stream.buf_len != context or (finite is not None and not finite[i])
                 or len(stream.chunks) >= limit or stream.next_seq - stream.expected_seq >= limit):
-            one_by_one.append(i)
+            frames.one_by_one.append(i)
             continue
         if stream.buf is not stream.row:  # a large chunk grew a private buffer: back to the matrix
             stream.row[:context] = stream.buf[:context]
@@ -113,7 +201,7 @@ def take_frame_set(table: StreamTable, identity: bytes, request_id: int, msg: by
                 shed.append((i, stream, arrived_ns))
             else:  # this stream asked never to be shed: refuse, so it can retry
                 counters["frames_refused_overloaded"] += 1
-                table.error(identity, request_id, stream_id, chunk_seqs[i], ErrorCode.OVERLOADED,
+                table.error(identities[i], request_ids[i], stream_id, chunk_seqs[i], ErrorCode.OVERLOADED,
                             "the engine is overloaded: this chunk was not used; retry later, or add workers")
             continue
         frame_set = sets.get((stream.worker, shed_after_ms))
@@ -130,11 +218,11 @@ def take_frame_set(table: StreamTable, identity: bytes, request_id: int, msg: by
         stream.samples_in += samples
         stream.last_active = now_s
         stream.next_seq += 1
-        stream.chunks.append(PendingChunk(chunk_seqs[i], request_id, stream.next_seq, arrived=arrived_ns / 1e9))
+        stream.chunks.append(PendingChunk(chunk_seqs[i], request_ids[i], stream.next_seq, arrived=arrived_ns / 1e9))
 
     scale = _INT16_SCALE if dtype == P.DType.INT16 else None
     if rows:
-        # Once for the whole message, then one copy per worker: numpy's cost here is per call.
+        # Once for the whole set, then one copy per worker: numpy's cost here is per call.
         inputs = np.empty((len(rows), width), np.float32)
         _model_inputs(table.buffers, np.array(slots, np.intp), pcm if len(rows) == n else pcm[rows], scale, inputs)
         for (worker, shed_after_ms), frame_set in sets.items():
@@ -151,14 +239,14 @@ def take_frame_set(table: StreamTable, identity: bytes, request_id: int, msg: by
         counters["frames_in"] += len(rows)
         counters["frames_in_frame_sets"] += len(rows)
     if shed:
-        _shed(table, shed, pcm, scale, request_id, chunk_seqs, now_s, context)
-    for i in one_by_one:
-        offset = base + i * stride + P.AUDIO_ITEM.size
+        _shed(table, shed, frames, scale, now_s, context)
+    for i in sorted(frames.one_by_one):
+        msg, offset = frames.locate(i)
         try:
-            table.audio_item(identity, request_id, ids[i], chunk_seqs[i], dtype, msg, offset, nbytes)
+            table.audio_item(identities[i], request_ids[i], ids[i], chunk_seqs[i], dtype, msg, offset,
+                             samples * pcm.itemsize)
         except P.ProtocolError as exc:
-            table.error(identity, request_id, ids[i], chunk_seqs[i], exc.code, str(exc))
-    return True
+            table.error(identities[i], request_ids[i], ids[i], chunk_seqs[i], exc.code, str(exc))
 
 
 def _model_inputs(buffers: np.ndarray, slots: np.ndarray, frames: np.ndarray, scale: np.float32 | None,
@@ -173,17 +261,18 @@ def _model_inputs(buffers: np.ndarray, slots: np.ndarray, frames: np.ndarray, sc
     buffers[slots, :context] = out[:, -context:]
 
 
-def _shed(table: StreamTable, shed: list[tuple[int, Stream, int]], pcm: np.ndarray, scale: np.float32 | None,
-          request_id: int, chunk_seqs: list[int], now_s: float, context: int) -> None:
+def _shed(table: StreamTable, shed: list[tuple[int, Stream, int]], frames: _Frames, scale: np.float32 | None,
+          now_s: float, context: int) -> None:
     """Intake shedding, as StreamTable.audio_item does it: not run, but the audio still
     becomes the context of the stream's next frame."""
+    pcm = frames.pcm
     slots = np.array([stream.slot for _, stream, _ in shed], np.intp)
-    frames = pcm[[i for i, _, _ in shed]]
-    _model_inputs(table.buffers, slots, frames, scale, np.empty((len(shed), context + pcm.shape[1]), np.float32))
+    _model_inputs(table.buffers, slots, pcm[[i for i, _, _ in shed]], scale,
+                  np.empty((len(shed), context + pcm.shape[1]), np.float32))
     for i, stream, arrived_ns in shed:
         stream.samples_in += pcm.shape[1]
         stream.last_active = now_s
-        chunk = PendingChunk(chunk_seqs[i], request_id, stream.next_seq, arrived=arrived_ns / 1e9)
+        chunk = PendingChunk(frames.chunk_seqs[i], frames.request_ids[i], stream.next_seq, arrived=arrived_ns / 1e9)
         table.shed_at_intake(chunk, 1)
         stream.chunks.append(chunk)
         if chunk.end_seq <= stream.expected_seq:

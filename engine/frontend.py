@@ -21,6 +21,7 @@ import zmq
 
 from engine.config import ServeConfig
 from engine.control import StreamTable
+from engine.frame_sets import DeviceFrames
 from engine.stats import WorkerStats
 from engine.streams import Stream
 from engine.supervisor import WorkerProcess, WorkerStartError
@@ -74,6 +75,7 @@ class FrontEnd:
         self.should_stop = should_stop
         self.outbox: dict[bytes, list[bytes]] = defaultdict(list)
         self.counters = table.counters
+        self.device_frames = DeviceFrames(table)
         table.outlet = self
 
     # ---- replies -------------------------------------------------------------------
@@ -177,25 +179,39 @@ class FrontEnd:
     # ---- the loop --------------------------------------------------------------------
     def pump_router(self, budget: int = 64) -> int:
         """Take up to ``budget`` client messages, or what arrives within _PUMP_NS; small, so
-        results flow back between bursts."""
+        results flow back between bursts. Devices' one-frame messages among them are taken
+        together at the end (engine/frame_sets.py), any other message in its turn."""
+        n, drained_ns = self._read_router(budget)
+        self.device_frames.flush()
+        # Only now: the messages just taken were read before the socket was found empty, and
+        # are judged for lateness by the time it last was (StreamTable.arrival).
+        if drained_ns:
+            self.table.drained_ns = drained_ns
+        return n
+
+    def _read_router(self, budget: int) -> tuple[int, int]:
+        """Messages read, and when the socket was found empty (0: it was not)."""
         router, handle, clock = self.router, self.table.on_message, time.monotonic_ns
+        collect, flush = self.device_frames.offer, self.device_frames.flush
         stop_at = clock() + _PUMP_NS
         for n in range(budget):
             if n and clock() > stop_at:
-                return n
+                return n, 0
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                self.table.drained_ns = clock()
-                return n
+                return n, clock()
             if len(frames) != 2:
+                flush()
                 self.counters["errors_bad_message"] += 1
                 if frames:
                     self._send(frames[0], P.encode_error(0, 0, 0, P.ErrorCode.BAD_MESSAGE,
                                                          "send each message as a single ZeroMQ frame"))
                 continue
-            handle(frames[0], frames[1])
-        return budget
+            if not collect(frames[0], frames[1]):
+                flush()
+                handle(frames[0], frames[1])
+        return budget, 0
 
     def run(self) -> None:
         poller = zmq.Poller()

@@ -69,8 +69,8 @@ class EngineCollector(Collector):
         yield CounterMetricFamily("ringserve_executions", "Model executions (batches)", value=stats["executions"])
         yield CounterMetricFamily("ringserve_frames_received", "Complete frames received from clients",
                                   value=counters.get("frames_in", 0))
-        yield CounterMetricFamily("ringserve_frames_in_frame_sets", "Frames of gateway messages the front-end took "
-                                  "in bulk (one frame for each of many streams per message)",
+        yield CounterMetricFamily("ringserve_frames_in_frame_sets", "Frames the front-end took in bulk: a gateway's "
+                                  "one frame for each of many streams, or devices' one-frame messages read together",
                                   value=counters.get("frames_in_frame_sets", 0))
         yield CounterMetricFamily("ringserve_frames_answered", "Frame results delivered to clients",
                                   value=counters.get("frames_out", 0))
