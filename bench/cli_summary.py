@@ -153,5 +153,10 @@ def write_outputs(report: dict[str, Any], args: argparse.Namespace, say: Callabl
         write_csv(report, args.csv)
         say(f"wrote {args.csv}")
     if args.plot:
-        write_plot(report, args.plot)
+        if report.get("soak"):  # one point held for the whole run: its picture is over time, not over N
+            from bench.soak_plot import write_soak_plot
+
+            write_soak_plot(report, args.plot)
+        else:
+            write_plot(report, args.plot)
         say(f"wrote {args.plot}")

@@ -11,7 +11,7 @@ FRAME_SET record (transport/records.py). Two traffic shapes give such frames:
 - a gateway multiplexes its microphones and sends, every tick, one message holding the next
   frame of each stream that is due (``take_frame_set``);
 - devices each send one frame per message, and a busy front-end reads many of them at once
-  (``DeviceFrames``, fed by FrontEnd.pump_router).
+  (engine/device_frames.py).
 
 Items that do not fit the common case — a stream with a partial frame buffered, a chunk that
 is not exactly one frame, an unknown or closing stream, NaN samples, a stream at its in-flight
@@ -21,7 +21,6 @@ set, which produces their results or errors exactly as before.
 
 from __future__ import annotations
 
-import struct
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -40,10 +39,6 @@ MIN_ITEMS = 4
 _INT16_SCALE = np.float32(1.0 / 32768.0)
 _HEAD_WORDS = P.AUDIO_ITEM.size // 4
 _NEVER = 1 << 62
-# A device's one-frame AUDIO message: header (magic, version, type, request id), one item.
-_AUDIO_PREFIX = P.HEADER.pack(P.MAGIC, P.VERSION, P.MsgType.AUDIO, 0)[:4]
-_DEVICE_HEAD = struct.Struct("<4xIIIII")  # request_id, stream_id, chunk_seq, dtype, nbytes
-_DEVICE_PCM = _DEVICE_HEAD.size
 
 
 class _FrameSet:
@@ -59,7 +54,7 @@ class _FrameSet:
         self.arrived_ns = _NEVER  # the earliest arrival among them
 
 
-class _Frames:
+class Frames:
     """n one-frame chunks of one dtype and size, and where each came from."""
 
     __slots__ = ("identities", "request_ids", "ids", "chunk_seqs", "pcm", "dtype", "locate", "one_by_one")
@@ -99,66 +94,14 @@ def take_frame_set(table: StreamTable, identity: bytes, request_id: int, msg: by
         return False
     np_dtype, samples = P.NUMPY_DTYPES[dtype], shape[1]
     pcm = np.ndarray((n, samples), np_dtype, msg, base + P.AUDIO_ITEM.size, (stride, np_dtype.itemsize))
-    frames = _Frames([identity] * n, [request_id] * n, ids, heads[:, 1].tolist(), pcm, dtype,
+    frames = Frames([identity] * n, [request_id] * n, ids, heads[:, 1].tolist(), pcm, dtype,
                      lambda i: (msg, base + i * stride + P.AUDIO_ITEM.size))
-    _take(table, frames)
+    take_frames(table, frames)
     return True
 
 
-class DeviceFrames:
-    """Devices' one-frame messages, read in one turn of the front-end, taken as one set.
-
-    The front-end offers every message it reads; one that is not a one-frame AUDIO message
-    (or differs in dtype or size from those collected) first flushes the collected ones, so
-    every client's messages are still handled in the order they arrived.
-    """
-
-    def __init__(self, table: StreamTable) -> None:
-        self.table = table
-        self.identities: list[bytes] = []
-        self.messages: list[bytes] = []
-        self.shape = (0, 0)  # (dtype, nbytes) of the collected messages
-
-    def offer(self, identity: bytes, msg: bytes) -> bool:
-        """Keep ``msg`` for the next flush if it is a device's one-frame AUDIO message."""
-        if msg[:4] != _AUDIO_PREFIX or len(msg) <= _DEVICE_PCM:
-            return False
-        dtype, nbytes = _DEVICE_HEAD.unpack_from(msg)[3:]
-        if nbytes != len(msg) - _DEVICE_PCM or (dtype, nbytes) not in self.table.frame_shapes:
-            return False
-        if (dtype, nbytes) != self.shape:
-            self.flush()
-            self.shape = (dtype, nbytes)
-        self.identities.append(identity)
-        self.messages.append(msg)
-        return True
-
-    def flush(self) -> None:
-        identities, messages = self.identities, self.messages
-        if not messages:
-            return
-        self.identities, self.messages = [], []
-        table = self.table
-        if len(messages) < MIN_ITEMS:
-            for identity, msg in zip(identities, messages):
-                table.on_message(identity, msg)
-            return
-        heads = [_DEVICE_HEAD.unpack_from(msg) for msg in messages]
-        dtype, nbytes = self.shape
-        pcm = np.frombuffer(b"".join([msg[_DEVICE_PCM:] for msg in messages]), P.NUMPY_DTYPES[P.DType(dtype)])
-        frames = _Frames(identities, [h[0] for h in heads], [h[1] for h in heads], [h[2] for h in heads],
-                         pcm.reshape(len(messages), -1), dtype, lambda i: (messages[i], _DEVICE_PCM))
-        # A stream's second frame in this set needs the first one's context: it waits for the
-        # item-by-item path, which runs after the set (and so do any later ones of that stream).
-        seen: set[tuple[bytes, int]] = set()
-        for i, key in enumerate(zip(identities, frames.ids)):
-            if key in seen:
-                frames.one_by_one.append(i)
-            seen.add(key)
-        _take(table, frames)
-
-
-def _take(table: StreamTable, frames: _Frames) -> None:
+def take_frames(table: StreamTable, frames: Frames) -> None:
+    """Every frame that fits in bulk, one record per worker; then, in order, the rest item by item."""
     pcm, dtype = frames.pcm, frames.dtype
     n, samples = pcm.shape
     rate, _ = table.frame_shapes[(dtype, samples * pcm.itemsize)]
@@ -261,7 +204,7 @@ def _model_inputs(buffers: np.ndarray, slots: np.ndarray, frames: np.ndarray, sc
     buffers[slots, :context] = out[:, -context:]
 
 
-def _shed(table: StreamTable, shed: list[tuple[int, Stream, int]], frames: _Frames, scale: np.float32 | None,
+def _shed(table: StreamTable, shed: list[tuple[int, Stream, int]], frames: Frames, scale: np.float32 | None,
           now_s: float, context: int) -> None:
     """Intake shedding, as StreamTable.audio_item does it: not run, but the audio still
     becomes the context of the stream's next frame."""

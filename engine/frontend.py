@@ -21,7 +21,7 @@ import zmq
 
 from engine.config import ServeConfig
 from engine.control import StreamTable
-from engine.frame_sets import DeviceFrames
+from engine.device_frames import DeviceFrames
 from engine.stats import WorkerStats
 from engine.streams import Stream
 from engine.supervisor import WorkerProcess, WorkerStartError
@@ -186,7 +186,7 @@ class FrontEnd:
     def pump_router(self, budget: int = 64) -> int:
         """Take up to ``budget`` client messages, or what arrives within _PUMP_NS; small, so
         results flow back between bursts. Devices' one-frame messages among them are taken
-        together at the end (engine/frame_sets.py), any other message in its turn."""
+        together at the end (engine/device_frames.py), any other message in its turn."""
         n, drained_ns = self._read_router(budget)
         self.device_frames.flush()
         # Only now: the messages just taken were read before the socket was found empty, and

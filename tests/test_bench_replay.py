@@ -247,6 +247,23 @@ def test_plot_draws_budget_and_series(tmp_path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
+def test_soak_plot_draws_rss_over_time(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from bench.soak_plot import write_soak_plot
+
+    names = ("frontend", "worker-0")
+    report = {"budget_ms": 32.0, "machine": {"cpus": 2, "onnxruntime": "x", "source": "t"},
+              "soak": {"streams": 80, "duration_s": 60.0, "capacity": 100, "load_share": 0.8, "flagged": False,
+                       "processes": {n: {"pid": 1, "start_mib": 60.0, "end_mib": 70.0, "slope_mib_per_h": 0.1}
+                                     for n in names},
+                       "samples": [{"t": float(t), **{n: 60.0 + t / 6 for n in names}} for t in range(0, 61, 10)],
+                       "point": {"shape": "device", "sent": 10, "lost": 0,
+                                 "windows": [{"p50_ms": 2.0, "p99_ms": 5.0 + i} for i in range(6)]}}}
+    path = tmp_path / "soak.png"
+    write_soak_plot(report, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
 def test_quiet_gate_waits_and_measures_a_noisy_failure_again(monkeypatch: pytest.MonkeyPatch) -> None:
     readings = iter([90.0, 80.0, 10.0, 12.0, 5.0])  # machine noise, % of a core, one per sample
     monkeypatch.setattr(replay, "machine_noise_pct", lambda _s: next(readings))

@@ -1,5 +1,6 @@
-"""Gateway messages taken in bulk (engine/frame_sets.py) give exactly what frame-by-frame
-onnxruntime gives, and items that do not fit the bulk path are still answered item by item."""
+"""Frames taken in bulk — a gateway's message (engine/frame_sets.py), devices' messages read
+together (engine/device_frames.py) — give exactly what frame-by-frame onnxruntime gives, and
+items that do not fit the bulk path are still answered item by item."""
 
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ def test_a_set_with_bad_items_answers_every_item(engine: DaemonProcess) -> None:
 
 def test_device_messages_read_in_one_turn_are_taken_together(engine: DaemonProcess) -> None:
     """Devices send one frame per message, each on its own connection; the front-end takes
-    the ones it reads in one turn as one set (engine/frame_sets.py DeviceFrames). The daemon
+    the ones it reads in one turn as one set (engine/device_frames.py). The daemon
     is paused while every device sends its next frame, so that they wait in its socket
     together. Mixed in: a stream with a partial frame buffered, a device that sends two frames
     per tick (its second is the same stream again in the set), float32 devices (another
