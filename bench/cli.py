@@ -143,8 +143,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     out.add_argument("--csv", metavar="FILE", help="write one row per point")
-    out.add_argument("--plot", metavar="FILE.png", help="latency percentiles and throughput vs N (needs matplotlib: "
-                     "the bench extra)")
+    out.add_argument("--plot", metavar="FILE.png", help="latency percentiles and throughput vs N; with --soak, each "
+                     "process's RSS and each window's latency over time (needs matplotlib: the bench extra)")
     out.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_bench)
 
