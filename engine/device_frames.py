@@ -67,13 +67,15 @@ class DeviceFrames:
         heads = [_DEVICE_HEAD.unpack_from(msg) for msg in messages]
         dtype, nbytes = self.shape
         pcm = np.frombuffer(b"".join([msg[_DEVICE_PCM:] for msg in messages]), P.NUMPY_DTYPES[P.DType(dtype)])
-        frames = Frames(identities, [h[0] for h in heads], [h[1] for h in heads], [h[2] for h in heads],
-                        pcm.reshape(len(messages), -1), dtype, lambda i: (messages[i], _DEVICE_PCM))
+        ids = [h[1] for h in heads]
         # A stream's second frame in this set needs the first one's context: it waits for the
         # item-by-item path, which runs after the set (and so do any later ones of that stream).
         seen: set[tuple[bytes, int]] = set()
-        for i, key in enumerate(zip(identities, frames.ids)):
+        repeated: set[int] = set()
+        for i, key in enumerate(zip(identities, ids)):
             if key in seen:
-                frames.one_by_one.append(i)
+                repeated.add(i)
             seen.add(key)
-        take_frames(table, frames)
+        take_frames(table, Frames(identities, [h[0] for h in heads], ids, [h[2] for h in heads],
+                                  pcm.reshape(len(messages), -1), dtype, lambda i: (messages[i], _DEVICE_PCM),
+                                  frozenset(repeated)))

@@ -57,10 +57,11 @@ class _FrameSet:
 class Frames:
     """n one-frame chunks of one dtype and size, and where each came from."""
 
-    __slots__ = ("identities", "request_ids", "ids", "chunk_seqs", "pcm", "dtype", "locate", "one_by_one")
+    __slots__ = ("identities", "request_ids", "ids", "chunk_seqs", "pcm", "dtype", "locate", "held")
 
     def __init__(self, identities: list[bytes], request_ids: list[int], ids: list[int], chunk_seqs: list[int],
-                 pcm: np.ndarray, dtype: int, locate: Callable[[int], tuple[bytes, int]]) -> None:
+                 pcm: np.ndarray, dtype: int, locate: Callable[[int], tuple[bytes, int]],
+                 held: frozenset[int] = frozenset()) -> None:
         self.identities = identities
         self.request_ids = request_ids
         self.ids = ids
@@ -68,7 +69,7 @@ class Frames:
         self.pcm = pcm  # [n, samples], the wire's dtype
         self.dtype = dtype
         self.locate = locate  # item i -> (message, offset of its PCM), for the item-by-item path
-        self.one_by_one: list[int] = []  # items that must take the item-by-item path
+        self.held = held  # items that must take the item-by-item path whatever their stream's state
 
 
 def take_frame_set(table: StreamTable, identity: bytes, request_id: int, msg: bytes) -> bool:
@@ -113,7 +114,8 @@ def take_frames(table: StreamTable, frames: Frames) -> None:
     # Judged for the whole set, before any stream changes: at most this set's size more than
     # the item-by-item path would allow.
     room = [out.room_for(w, records.frames_record_bytes(n, width)) for w in range(len(table.worker_load))]
-    forced = set(frames.one_by_one)  # already bound for the item-by-item path
+    held = frames.held
+    one_by_one = list(held)
 
     sets: dict[tuple[int, int], _FrameSet] = {}
     rows: list[int] = []  # items taken in bulk, in order
@@ -122,13 +124,13 @@ def take_frames(table: StreamTable, frames: Frames) -> None:
     now_ns = time.monotonic_ns()
     now_s = now_ns / 1e9
     for i, stream_id in enumerate(ids):
-        if i in forced:
+        if i in held:
             continue
         stream = streams.get((identities[i], stream_id))
         if (stream is None or stream.closing or stream.dtype != dtype or stream.rate != rate
                 or stream.buf_len != context or (finite is not None and not finite[i])
                 or len(stream.chunks) >= limit or stream.next_seq - stream.expected_seq >= limit):
-            frames.one_by_one.append(i)
+            one_by_one.append(i)
             continue
         if stream.buf is not stream.row:  # a large chunk grew a private buffer: back to the matrix
             stream.row[:context] = stream.buf[:context]
@@ -183,7 +185,7 @@ def take_frames(table: StreamTable, frames: Frames) -> None:
         counters["frames_in_frame_sets"] += len(rows)
     if shed:
         _shed(table, shed, frames, scale, now_s, context)
-    for i in sorted(frames.one_by_one):
+    for i in sorted(one_by_one):  # in arrival order: a held repeat after its stream's first frame
         msg, offset = frames.locate(i)
         try:
             table.audio_item(identities[i], request_ids[i], ids[i], chunk_seqs[i], dtype, msg, offset,
