@@ -90,6 +90,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     load.add_argument("--load-procs", type=_load_procs, default=None, metavar="auto|K",
                       help="load-generator processes (default auto: ~250 device streams or ~1000 gateway "
                       "streams per process, at most one per CPU)")
+    load.add_argument("--device-link", choices=("zmtp", "libzmq"), default="zmtp",
+                      help="device shape: how the load processes hold one connection per stream; zmtp: plain "
+                      "sockets speaking ZeroMQ's wire protocol, one send and one recv per frame, as a device's "
+                      "firmware would (default); libzmq: a pyzmq DEALER each, which costs the load processes "
+                      "about 2x the CPU per frame (--curve always uses libzmq)")
     load.add_argument("--nice", type=int, default=0, metavar="N",
                       help="run every process the bench starts (spawned engine, baselines, load processes) at "
                       "niceness N, and, where the kernel groups processes by session (autogroup), this session's "

@@ -16,6 +16,7 @@ from bench.load_ledger import Ledger
 from bench.load_plan import FRAME_MS, LoadPlan
 from bench.load_tcp import PerFrameLink
 from bench.load_zmq import ZmqLink
+from bench.load_zmtp import ZmtpLink
 
 _HOUSEKEEPING_NS = 20_000_000
 
@@ -54,6 +55,8 @@ class LoadRun:
         self.link: ZmqLink | PerFrameLink
         if plan.target == "per-frame":
             self.link = PerFrameLink(plan, sid, audio, self.ledger, self._released)
+        elif plan.shape == "device" and plan.curve is None and plan.device_link == "zmtp":
+            self.link = ZmtpLink(plan, ctx, sid, plan.streams, audio, self.ledger, self._released)
         else:
             self.link = ZmqLink(plan, ctx, sid, plan.streams, audio, self.ledger, self._released)
 

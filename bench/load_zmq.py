@@ -73,32 +73,41 @@ class ZmqLink:
         sock.connect(self.plan.endpoint)
         return sock
 
-    def open(self) -> dict[str, Any]:
-        plan = self.plan
-        params = {"sample_rate": 16000, "dtype": "int16", **plan.open_params}
-        if plan.shape == "device":
+    def _connect(self) -> None:
+        if self.plan.shape == "device":
             self.socks = [self._zmq_socket() for _ in range(self.n)]
         else:
             self.socks = [self._zmq_socket()] * self.n
-        for s, sock in enumerate(self.socks):
+        for sock in self.socks:
             fd = cast(int, sock.getsockopt(zmq.FD))
             if fd not in self.zmq_by_fd:
                 self.zmq_by_fd[fd] = sock
                 self.ep.register(fd, _EPOLLIN)
+
+    def open(self) -> dict[str, Any]:
+        params = {"sample_rate": 16000, "dtype": "int16", **self.plan.open_params}
+        self._connect()
         failures: Counter[str] = Counter()
         opening = self._opening = {"opened": 0, "failures": failures}
         for s in range(self.n_open):
             rate = self.audio.file[s].rate
-            self.socks[s].send(P.encode_open(self.sid[s], self.sid[s], {**params, "sample_rate": rate}))
+            self._send_to(s, P.encode_open(self.sid[s], self.sid[s], {**params, "sample_rate": rate}))
         deadline = time.monotonic() + 30 + 0.01 * self.n
         while opening["opened"] + sum(failures.values()) < self.n_open and time.monotonic() < deadline:
-            self.poll(0.2)
-            self._drain(self._unique_socks())
+            self._wait(0.2)
         self._opening = None
         return {"opened": opening["opened"], "failures": dict(failures), "wanted": self.n_open}
 
     def _unique_socks(self) -> list[zmq.Socket]:
         return list({id(x): x for x in self.socks}.values())
+
+    def _send_to(self, s: int, msg: bytes) -> None:
+        self.socks[s].send(msg)
+
+    def _wait(self, timeout_s: float) -> None:
+        """Outside the paced loop: poll, then look at every socket (see _check_sent)."""
+        self.poll(timeout_s)
+        self._drain(self._unique_socks())
 
     # ---- sending ---------------------------------------------------------------------------
     def send(self, s: int, seq: int, due: int) -> None:
@@ -214,13 +223,12 @@ class ZmqLink:
         """CLOSE every opened stream and wait (up to ``timeout``) for their final results:
         (streams closed, streams to close)."""
         for s in range(self.n_open):
-            self.socks[s].send(P.encode_stream_op(P.MsgType.CLOSE, self.sid[s], self.sid[s]))
+            self._send_to(s, P.encode_stream_op(P.MsgType.CLOSE, self.sid[s], self.sid[s]))
         closed_wanted = self.n_open
         deadline = time.monotonic() + timeout
         self.closed_streams = 0
         while self.closed_streams < closed_wanted and time.monotonic() < deadline:
-            self.poll(0.05)
-            self._drain(self._unique_socks())  # see _check_sent
+            self._wait(0.05)
         return self.closed_streams, closed_wanted
 
     def shutdown(self) -> None:

@@ -6,6 +6,7 @@ reported figure. No assertion on absolute speed: the machine is shared and noisy
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -90,10 +91,14 @@ def test_gateway_shape_and_max_pace(engine: DaemonProcess, fleet: LoadFleet) -> 
     assert math.isnan(closed.lateness_p50_ms)  # no schedule in a closed loop
 
 
-def test_refused_frames_are_counted_lost_with_their_code(engine: DaemonProcess, fleet: LoadFleet) -> None:
+@pytest.mark.parametrize("device_link", ["zmtp", "libzmq"])
+def test_refused_frames_are_counted_lost_with_their_code(engine: DaemonProcess, fleet: LoadFleet,
+                                                         device_link: str) -> None:
     # Stream 3 is scheduled like the others but never opened: the engine answers each of its
-    # frames with ERROR UNKNOWN_STREAM, which must show up as refused, not as answered or missing.
-    point = measure_point(engine.endpoint, 2, duration_s=2.0, settings=FAST, fleet=fleet, unopened_streams=1)
+    # frames with ERROR UNKNOWN_STREAM, which must show up as refused, not as answered or missing
+    # (whether the load speaks ZMTP itself or through libzmq's DEALERs).
+    settings = dataclasses.replace(FAST, device_link=device_link)
+    point = measure_point(engine.endpoint, 2, duration_s=2.0, settings=settings, fleet=fleet, unopened_streams=1)
     refused = point.refused.get("UNKNOWN_STREAM", 0)
     assert refused > 0 and set(point.refused) == {"UNKNOWN_STREAM"}
     assert point.lost == refused and point.timed_out == 0 and point.shed == 0

@@ -1,0 +1,223 @@
+"""The device shape over plain sockets that speak ZMTP 3.0 (RFC 23, NULL mechanism), as a
+microcontroller's firmware would: one connection per stream, one frame per message.
+
+Why not libzmq here: a DEALER per stream costs the load process about as much per frame as
+the engine's whole front-end does (a mailbox command to libzmq's I/O thread on every send,
+a ZMQ_EVENTS check after it, each a few system calls; docs/benchmarks.md), and the bench
+shares the engine's cores. A plain socket costs one send() and one recv() per frame, as the
+per-frame baseline's load (bench/load_tcp.py) does. The engine sees the same bytes on the wire
+from either; ``--device-link libzmq`` keeps the DEALERs (and CURVE needs them).
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+import zmq
+
+from bench.load_audio import StreamAudio
+from bench.load_ledger import Ledger
+from bench.load_plan import LoadPlan
+from bench.load_zmq import ZmqLink, _AUDIO, _AUDIO_MSG, _INT16
+from transport import protocol as P
+
+# Greeting: signature, version 3.0, mechanism NULL, as-server 0, filler (RFC 23 section 3).
+GREETING = b"\xff" + bytes(8) + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") + bytes(32)
+_FLAG_MORE, _FLAG_LONG, _FLAG_COMMAND = 0x01, 0x02, 0x04
+_LONG_HEAD = struct.Struct(">BQ")
+_PROPERTY_VALUE = struct.Struct(">I")
+_EPOLLIN, _EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+_CLOSED = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+
+
+def command(name: bytes, body: bytes = b"") -> bytes:
+    data = bytes([len(name)]) + name + body
+    return bytes([_FLAG_COMMAND, len(data)]) + data if len(data) < 256 else _LONG_HEAD.pack(
+        _FLAG_COMMAND | _FLAG_LONG, len(data)) + data
+
+
+def ready(socket_type: bytes) -> bytes:
+    return command(b"READY", bytes([11]) + b"Socket-Type" + _PROPERTY_VALUE.pack(len(socket_type)) + socket_type)
+
+
+def message_frame(payload: bytes) -> bytes:
+    """One frame, the last of its message."""
+    if len(payload) < 256:
+        return bytes([0, len(payload)]) + payload
+    return _LONG_HEAD.pack(_FLAG_LONG, len(payload)) + payload
+
+
+class ZmtpError(Exception):
+    """The peer does not speak ZMTP 3 with the NULL mechanism (a CURVE daemon, or no ZeroMQ)."""
+
+
+def handshake(sock: socket.socket) -> None:
+    """Greetings both ways, then READY, as libzmq itself does: libzmq 4.3.5 drops a peer whose
+    READY came in the same segment as its greeting (HANDSHAKE_FAILED_PROTOCOL, ZMTP_UNEXPECTED_COMMAND)."""
+    sock.sendall(GREETING)
+    greeting = b""
+    while len(greeting) < len(GREETING):
+        part = sock.recv(len(GREETING) - len(greeting))
+        if not part:
+            raise ZmtpError(f"the peer closed the connection during the ZMTP greeting (got {greeting!r}); "
+                            "a daemon that requires CURVE does that to a NULL peer: give --curve")
+        greeting += part
+    if greeting[0] != 0xFF or greeting[9] & 1 != 1 or greeting[10] < 3 or greeting[12:32].rstrip(b"\0") != b"NULL":
+        raise ZmtpError(f"the peer's greeting is not ZMTP 3 with the NULL mechanism: {greeting[:32]!r} "
+                        "(a daemon with CURVE needs --curve)")
+    sock.sendall(ready(b"DEALER"))
+
+
+class ZmtpConnection:
+    """One connection's receive side: the peer's greeting, then frames; commands (READY,
+    PING) are taken here, messages returned."""
+
+    __slots__ = ("sock", "inbox", "outbox")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inbox = bytearray()
+        self.outbox = bytearray()  # what a full socket buffer did not take yet
+
+    def messages(self, data: bytes) -> list[bytes]:
+        buf = self.inbox
+        buf += data
+        offset = 0
+        out: list[bytes] = []
+        end = len(buf)
+        while end - offset >= 2:
+            flags = buf[offset]
+            if flags & _FLAG_LONG:
+                if end - offset < 9:
+                    break
+                size, head = _LONG_HEAD.unpack_from(buf, offset)[1], 9
+            else:
+                size, head = buf[offset + 1], 2
+            if end - offset < head + size:
+                break
+            body = bytes(buf[offset + head:offset + head + size])
+            offset += head + size
+            if flags & _FLAG_COMMAND:
+                if body[1:1 + body[0]] == b"ERROR":
+                    raise ZmtpError(f"the peer refused the connection: {body!r}")
+                if body[1:1 + body[0]] == b"PING":  # PONG carries the PING's context back
+                    self.outbox += command(b"PONG", body[1 + body[0] + 2:])
+            elif flags & _FLAG_MORE:
+                raise ZmtpError("the engine sent a multi-frame message; ringserve replies are one frame")
+            else:
+                out.append(body)
+        del buf[:offset]
+        return out
+
+
+class ZmtpLink(ZmqLink):
+    """The device shape of :class:`ZmqLink` without libzmq: replies go through the same
+    ``_on_message``, so accounting is identical."""
+
+    def __init__(self, plan: LoadPlan, ctx: zmq.Context, sid: list[int], n_open: int, audio: StreamAudio,
+                 ledger: Ledger, released: Callable[[int], None]) -> None:
+        if plan.shape != "device" or plan.curve is not None:
+            raise ValueError("the ZMTP link speaks the device shape without CURVE")
+        super().__init__(plan, ctx, sid, n_open, audio, ledger, released)
+        self.conns: list[ZmtpConnection] = []
+        self.by_fd: dict[int, ZmtpConnection] = {}
+
+    def _connect(self) -> None:
+        endpoint = self.plan.endpoint
+        for _ in range(self.n):
+            if endpoint.startswith("ipc://"):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(30)
+                sock.connect(endpoint.removeprefix("ipc://"))
+            else:
+                host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+                sock = socket.create_connection((host.strip("[]"), int(port)), timeout=30)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            handshake(sock)
+            sock.setblocking(False)
+            conn = ZmtpConnection(sock)
+            self.conns.append(conn)
+            self.by_fd[sock.fileno()] = conn
+            self.ep.register(sock.fileno(), _EPOLLIN)
+
+    def _send_to(self, s: int, msg: bytes) -> None:
+        self._write(self.conns[s], message_frame(msg))
+
+    def _write(self, conn: ZmtpConnection, data: bytes) -> None:
+        if conn.outbox:
+            conn.outbox += data
+            return
+        try:
+            sent = conn.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return  # the engine closed it: what is in flight times out
+        if sent < len(data):
+            conn.outbox += data[sent:]
+            self.ep.modify(conn.sock.fileno(), _EPOLLIN | _EPOLLOUT)
+
+    def send(self, s: int, seq: int, due: int) -> None:
+        pcm = self.audio.next_pcm(s)
+        msg = _AUDIO_MSG.pack(b"RS", 1, _AUDIO, seq, self.sid[s], seq, _INT16, len(pcm)) + pcm
+        now = time.monotonic_ns()
+        self._write(self.conns[s], _LONG_HEAD.pack(_FLAG_LONG, len(msg)) + msg)
+        self.ledger.sent((self.sid[s] << 32) | seq, now, due)
+
+    def flush(self) -> None:
+        """Nothing is batched on these connections."""
+
+    def poll(self, timeout_s: float) -> None:
+        on_message, clock = self._on_message, time.monotonic_ns
+        for fd, events in self.ep.poll(max(timeout_s, 0.0)):
+            conn = self.by_fd.get(fd)
+            if conn is None:
+                continue
+            if events & _EPOLLOUT:
+                self._flush_outbox(conn)
+            if not events & _CLOSED:
+                continue
+            try:
+                data = conn.sock.recv(1 << 16)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:  # the engine closed the connection: what is in flight times out
+                self.ep.unregister(fd)
+                del self.by_fd[fd]
+                self.ledger.window.other_errors["disconnected"] += 1
+                continue
+            now = clock()
+            for msg in conn.messages(data):
+                on_message(msg, now)
+            if conn.outbox and not events & _EPOLLOUT:
+                self._flush_outbox(conn)
+
+    def _flush_outbox(self, conn: ZmtpConnection) -> None:
+        out = conn.outbox
+        try:
+            sent = conn.sock.send(out)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = len(out)
+        del out[:sent]
+        self.ep.modify(conn.sock.fileno(), (_EPOLLIN | _EPOLLOUT) if out else _EPOLLIN)
+
+    def _wait(self, timeout_s: float) -> None:
+        self.poll(timeout_s)
+
+    def shutdown(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.sock.close()
+            except OSError:
+                pass
+        self.conns = []
+        self.by_fd = {}
+        self.ep.close()
