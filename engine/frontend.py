@@ -176,8 +176,7 @@ class FrontEnd:
             seqs, slots, probs = res["seq"].tolist(), res["slot"].tolist(), res["prob"].tolist()
             del res, body
             link.out_ring.release(end)
-            for seq, slot, prob in zip(seqs, slots, probs):
-                self.table.on_result(slot, seq, prob)
+            self.table.on_results(seqs, slots, probs)
             handled += count
         link.flush_backlog()
         return handled
