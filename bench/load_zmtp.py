@@ -73,8 +73,8 @@ def handshake(sock: socket.socket) -> None:
 
 
 class ZmtpConnection:
-    """One connection's receive side: the peer's greeting, then frames; commands (READY,
-    PING) are taken here, messages returned."""
+    """One connection after its handshake: frames in, split into messages; commands (the
+    peer's READY, PING) are taken here, PONG queued in ``outbox``."""
 
     __slots__ = ("sock", "inbox", "outbox")
 
