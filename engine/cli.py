@@ -27,7 +27,8 @@ SETTING_HELP = {
     "provider": "onnxruntime execution provider: auto (CUDA when present, else CPU), cpu, cuda, tensorrt",
     "intra_op_threads": "onnxruntime intra-op threads per worker",
     "max_streams": "streams the engine holds at once, all connections together",
-    "max_batch": "most frames a worker runs in one batch",
+    "max_batch": "most frames a worker runs in one batch (each worker runs one batch this large at start, "
+                 "so its memory for the largest batch is taken then)",
     "batch_delay_us": "let the oldest queued frame wait up to this long for a fuller batch (the worker sleeps meanwhile); 0 runs whatever is ready",
     "busy_batch_delay_us": "the wait of a busy worker: it grows from batch_delay_us (model busy under 40 %% of the time) "
                            "to this (80 %% or more), trading latency for CPU per frame; never below batch_delay_us",
