@@ -337,7 +337,7 @@ class StreamTable:
                 item = pack_item(stream.stream_id, chunk.chunk_seq, first, 1, 0, 0) + pack_prob(prob)
             queue(stream.identity, item)
             answered += 1
-            if chunks and chunks[0].end_seq <= stream.expected_seq:  # a RESET or CLOSE waiting on it
+            if chunks and chunks[0].end_seq <= stream.expected_seq:  # a RESET, CLOSE or frameless chunk behind it
                 self.complete_chunks(stream)
         self.counters["frames_out"] += answered
         self.request_s_total += waited

@@ -123,9 +123,8 @@ def take_frames(table: StreamTable, frames: Frames) -> None:
     shed: list[tuple[int, Stream, int]] = []
     now_ns = time.monotonic_ns()
     now_s = now_ns / 1e9
-    fresh_flag = records.FLAG_FRESH
     for i, stream_id in enumerate(ids):
-        if held and i in held:
+        if i in held:
             continue
         stream = streams.get((identities[i], stream_id))
         if (stream is None or stream.closing or stream.dtype != dtype or stream.rate != rate
@@ -155,21 +154,16 @@ def take_frames(table: StreamTable, frames: Frames) -> None:
             frame_set = sets[(stream.worker, shed_after_ms)] = _FrameSet()
         frame_set.taken.append(len(rows))
         rows.append(i)
-        slot, seq = stream.slot, stream.next_seq
-        slots.append(slot)
-        frame_set.slots.append(slot)
-        frame_set.seqs.append(seq)
-        if stream.fresh:
-            frame_set.flags.append(fresh_flag)
-            stream.fresh = False
-        else:
-            frame_set.flags.append(0)
-        if arrived_ns < frame_set.arrived_ns:
-            frame_set.arrived_ns = arrived_ns
+        slots.append(stream.slot)
+        frame_set.slots.append(stream.slot)
+        frame_set.seqs.append(stream.next_seq)
+        frame_set.flags.append(records.FLAG_FRESH if stream.fresh else 0)
+        frame_set.arrived_ns = min(frame_set.arrived_ns, arrived_ns)
+        stream.fresh = False
         stream.samples_in += samples
         stream.last_active = now_s
-        stream.next_seq = seq + 1
-        stream.chunks.append(PendingChunk(chunk_seqs[i], request_ids[i], seq + 1, arrived=arrived_ns / 1e9))
+        stream.next_seq += 1
+        stream.chunks.append(PendingChunk(chunk_seqs[i], request_ids[i], stream.next_seq, arrived=arrived_ns / 1e9))
 
     scale = _INT16_SCALE if dtype == P.DType.INT16 else None
     if rows:
