@@ -94,7 +94,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                       help="device shape: how the load processes hold one connection per stream; zmtp: plain "
                       "sockets speaking ZeroMQ's wire protocol, one send and one recv per frame, as a device's "
                       "firmware would (default); libzmq: a pyzmq DEALER each, which costs the load processes "
-                      "about 2x the CPU per frame (--curve always uses libzmq)")
+                      "about 1.7x the CPU per frame (--curve always uses libzmq)")
     load.add_argument("--nice", type=int, default=0, metavar="N",
                       help="run every process the bench starts (spawned engine, baselines, load processes) at "
                       "niceness N, and, where the kernel groups processes by session (autogroup), this session's "
