@@ -110,12 +110,17 @@ class ZmqLink:
         self._drain(self._unique_socks())
 
     # ---- sending ---------------------------------------------------------------------------
+    def _audio_message(self, s: int, seq: int) -> bytes:
+        """Stream s's chunk ``seq`` as a device sends it: an AUDIO message of one item."""
+        pcm = self.audio.next_pcm(s)
+        return _AUDIO_MSG.pack(b"RS", 1, _AUDIO, seq, self.sid[s], seq, _INT16, len(pcm)) + pcm
+
     def send(self, s: int, seq: int, due: int) -> None:
         """Send (device) or queue for this tick (gateway) chunk ``seq`` of stream s; ``due``:
         its time on the absolute schedule (0 in max pace)."""
-        pcm = self.audio.next_pcm(s)
         sid = self.sid[s]
         if self.gateway:
+            pcm = self.audio.next_pcm(s)
             self.gateway_parts.append(_ITEM.pack(sid, seq, _INT16, len(pcm)))
             self.gateway_parts.append(pcm)
             self.gateway_bytes += _ITEM.size + len(pcm)
@@ -124,7 +129,7 @@ class ZmqLink:
                 self.flush()
             return
         sock = self.socks[s]
-        msg = _AUDIO_MSG.pack(b"RS", 1, _AUDIO, seq, sid, seq, _INT16, len(pcm)) + pcm
+        msg = self._audio_message(s, seq)
         now = time.monotonic_ns()
         sock.send(msg, copy=True)
         self.ledger.sent((sid << 32) | seq, now, due)

@@ -11,7 +11,6 @@ from either; ``--device-link libzmq`` keeps the DEALERs (and CURVE needs them).
 
 from __future__ import annotations
 
-import select
 import socket
 import struct
 import time
@@ -22,7 +21,8 @@ import zmq
 from bench.load_audio import StreamAudio
 from bench.load_ledger import Ledger
 from bench.load_plan import LoadPlan
-from bench.load_zmq import ZmqLink, _AUDIO, _AUDIO_MSG, _INT16
+from bench.load_socket import Connection, Connections
+from bench.load_zmq import ZmqLink
 from transport import protocol as P
 
 # Greeting: signature, version 3.0, mechanism NULL, as-server 0, filler (RFC 23 section 3).
@@ -30,8 +30,6 @@ GREETING = b"\xff" + bytes(8) + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0
 _FLAG_MORE, _FLAG_LONG, _FLAG_COMMAND = 0x01, 0x02, 0x04
 _LONG_HEAD = struct.Struct(">BQ")
 _PROPERTY_VALUE = struct.Struct(">I")
-_EPOLLIN, _EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
-_CLOSED = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 
 
 def command(name: bytes, body: bytes = b"") -> bytes:
@@ -72,16 +70,9 @@ def handshake(sock: socket.socket) -> None:
     sock.sendall(ready(b"DEALER"))
 
 
-class ZmtpConnection:
+class ZmtpConnection(Connection):
     """One connection after its handshake: frames in, split into messages; commands (the
     peer's READY, PING) are taken here, PONG queued in ``outbox``."""
-
-    __slots__ = ("sock", "inbox", "outbox")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.inbox = bytearray()
-        self.outbox = bytearray()  # what a full socket buffer did not take yet
 
     def messages(self, data: bytes) -> list[bytes]:
         buf = self.inbox
@@ -124,11 +115,11 @@ class ZmtpLink(ZmqLink):
             raise ValueError("the ZMTP link speaks the device shape without CURVE")
         super().__init__(plan, ctx, sid, n_open, audio, ledger, released)
         self.conns: list[ZmtpConnection] = []
-        self.by_fd: dict[int, ZmtpConnection] = {}
+        self.connections = Connections()
 
     def _connect(self) -> None:
         endpoint = self.plan.endpoint
-        for _ in range(self.n):
+        for s in range(self.n):
             if endpoint.startswith("ipc://"):
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.settimeout(30)
@@ -138,86 +129,36 @@ class ZmtpLink(ZmqLink):
                 sock = socket.create_connection((host.strip("[]"), int(port)), timeout=30)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             handshake(sock)
-            sock.setblocking(False)
-            conn = ZmtpConnection(sock)
+            conn = ZmtpConnection(sock, s)
             self.conns.append(conn)
-            self.by_fd[sock.fileno()] = conn
-            self.ep.register(sock.fileno(), _EPOLLIN)
+            self.connections.add(conn)
 
     def _send_to(self, s: int, msg: bytes) -> None:
-        self._write(self.conns[s], message_frame(msg))
-
-    def _write(self, conn: ZmtpConnection, data: bytes) -> None:
-        if conn.outbox:
-            conn.outbox += data
-            return
-        try:
-            sent = conn.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            return  # the engine closed it: what is in flight times out
-        if sent < len(data):
-            conn.outbox += data[sent:]
-            self.ep.modify(conn.sock.fileno(), _EPOLLIN | _EPOLLOUT)
+        self.connections.send(self.conns[s], message_frame(msg))
 
     def send(self, s: int, seq: int, due: int) -> None:
-        pcm = self.audio.next_pcm(s)
-        msg = _AUDIO_MSG.pack(b"RS", 1, _AUDIO, seq, self.sid[s], seq, _INT16, len(pcm)) + pcm
+        msg = self._audio_message(s, seq)
         now = time.monotonic_ns()
-        self._write(self.conns[s], _LONG_HEAD.pack(_FLAG_LONG, len(msg)) + msg)
+        self.connections.send(self.conns[s], _LONG_HEAD.pack(_FLAG_LONG, len(msg)) + msg)
         self.ledger.sent((self.sid[s] << 32) | seq, now, due)
 
     def flush(self) -> None:
         """Nothing is batched on these connections."""
 
     def poll(self, timeout_s: float) -> None:
-        on_message, clock = self._on_message, time.monotonic_ns
-        for fd, events in self.ep.poll(max(timeout_s, 0.0)):
-            conn = self.by_fd.get(fd)
-            if conn is None:
-                continue
-            if events & _EPOLLOUT:
-                self._flush_outbox(conn)
-            if not events & _CLOSED:
-                continue
-            try:
-                data = conn.sock.recv(1 << 16)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            if not data:  # the engine closed the connection: what is in flight times out
-                self.ep.unregister(fd)
-                del self.by_fd[fd]
-                self.ledger.window.other_errors["disconnected"] += 1
-                continue
-            now = clock()
-            for msg in conn.messages(data):
-                on_message(msg, now)
-            if conn.outbox and not events & _EPOLLOUT:
-                self._flush_outbox(conn)
+        closed = self.connections.poll(timeout_s, self._on_data)
+        if closed:  # the engine closed them: what is in flight times out
+            self.ledger.window.other_errors["disconnected"] += closed
 
-    def _flush_outbox(self, conn: ZmtpConnection) -> None:
-        out = conn.outbox
-        try:
-            sent = conn.sock.send(out)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            sent = len(out)
-        del out[:sent]
-        self.ep.modify(conn.sock.fileno(), (_EPOLLIN | _EPOLLOUT) if out else _EPOLLIN)
+    def _on_data(self, conn: Connection, data: bytes) -> None:
+        now = time.monotonic_ns()
+        for msg in self.conns[conn.index].messages(data):
+            self._on_message(msg, now)
 
     def _wait(self, timeout_s: float) -> None:
         self.poll(timeout_s)
 
     def shutdown(self) -> None:
-        for conn in self.conns:
-            try:
-                conn.sock.close()
-            except OSError:
-                pass
+        self.connections.close()
         self.conns = []
-        self.by_fd = {}
         self.ep.close()
