@@ -20,7 +20,8 @@ import numpy as np
 
 from engine.frame_sets import take_frame_set
 from engine.stats import BUCKETS_US, N_BUCKETS
-from engine.streams import PendingChunk, Stream
+from engine.lane import Lane
+from engine.streams import FRESH_NS, PendingChunk, Stream
 from engine.vad_events import SpeechSegmenter, VadParams
 from transport import protocol as P
 from transport import records
@@ -34,9 +35,6 @@ _OPEN_KEYS = {"sample_rate", "dtype", "vad", "shed_after_ms"}
 _MAX_VAD_MS = 3_600_000
 BUCKETS_S = [b / 1e6 for b in BUCKETS_US]
 _NUMPY_DTYPES = {int(k): v for k, v in P.NUMPY_DTYPES.items()}  # plain-int keys: no enum lookup per chunk
-# A message read within this long of the front-end finding its socket empty waited at most
-# this long: its read time is its arrival time (see StreamTable.arrival).
-_FRESH_NS = 20_000_000
 _NAN = array.array("f", [math.nan])
 _PROB = struct.Struct("<f")
 # A stream buffer's room in the table's matrix (one 4 KiB page): context plus a frame, with
@@ -79,6 +77,8 @@ class StreamTable:
         self.outlet: Outlet | None = None
         self.streams: dict[tuple[bytes, int], Stream] = {}
         self.by_slot: list[Stream | None] = [None] * max_streams
+        self.slot_of: dict[tuple[bytes, int], int] = {}
+        self.lane = Lane(max_streams)  # streams in their steady state, held as arrays
         # Every slot's stream buffer, one page each: np.zeros maps it lazily, so a slot
         # costs memory only once a stream has used it.
         self.buffers = np.zeros((max_streams, BUFFER_SAMPLES), np.float32)
@@ -178,6 +178,7 @@ class StreamTable:
                         self.buffers[slot])
         stream.shed_after_ms = shed_after_ms
         self.streams[key] = self.by_slot[slot] = stream
+        self.slot_of[key] = slot
         self.per_connection[identity] += 1
         self.counters["streams_opened"] += 1
         reply = {"stream": stream_id, "sample_rate": rate, "frame_samples": stream.frame,
@@ -207,6 +208,7 @@ class StreamTable:
             raise ProtocolError(ErrorCode.UNKNOWN_STREAM, f"stream {stream_id} is not open on this connection")
         if stream.closing:
             raise ProtocolError(ErrorCode.UNKNOWN_STREAM, f"stream {stream_id} is closing")
+        self.lane.demote(stream)
         return stream
 
     # ---- audio -------------------------------------------------------------------------
@@ -296,18 +298,32 @@ class StreamTable:
         """
         stream.audio_ns += samples * stream.ns_per_sample
         drained = self.drained_ns
-        if now_ns - drained <= _FRESH_NS:
+        if now_ns - drained <= FRESH_NS:
             stream.clock_ns = now_ns - stream.audio_ns
             return now_ns
         return min(now_ns, max(drained, stream.clock_ns + stream.audio_ns))
 
     # ---- results -----------------------------------------------------------------------
-    def on_results(self, seqs: list[int], slots: list[int], probs: list[float]) -> None:
-        """One RESULTS record's frames. The common one, which answers a one-frame audio chunk
-        in order and was not shed (every frame of a device or a gateway), is answered here in
-        one loop: the general path's calls per frame cost the front-end a few microseconds,
-        and the front-end's time per frame caps what the workers can serve. Any other frame
-        goes through on_result, with the same reply either way."""
+    def on_results(self, seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray) -> None:
+        """One RESULTS record's frames (seq int64, slot intp, prob float32). Those of lane
+        streams in order are answered in bulk (engine/lane.py); the rest here, frame by frame."""
+        rest, answered, waited = self.lane.answer(seqs, slots, probs, self.by_slot, self.out(), self.request_hist)
+        self.counters["frames_out"] += answered
+        self.request_s_total += waited
+        if rest is None:
+            return
+        slots = slots[rest]
+        for slot in np.unique(slots[self.lane.on[slots]]).tolist():
+            stream = self.by_slot[slot]
+            assert stream is not None
+            self.lane.demote(stream)
+        self._on_results(seqs[rest].tolist(), slots.tolist(), probs[rest].tolist())
+
+    def _on_results(self, seqs: list[int], slots: list[int], probs: list[float]) -> None:
+        """Results of streams outside the lane. The common one, which answers a one-frame audio
+        chunk in order and was not shed, is answered here in one loop: the general path's calls
+        per frame cost the front-end a few microseconds. Any other frame goes through
+        on_result, with the same reply either way."""
         by_slot, hist, buckets = self.by_slot, self.request_hist, BUCKETS_S
         queue, pack_item, pack_prob = self.out().queue_result, P.RESULT_ITEM.pack, _PROB.pack
         now = time.monotonic()
@@ -395,6 +411,7 @@ class StreamTable:
     def release(self, stream: Stream) -> None:
         """Forget a stream; its slot is reused only once its worker released every frame of it."""
         del self.streams[(stream.identity, stream.stream_id)]
+        del self.slot_of[(stream.identity, stream.stream_id)]
         self.by_slot[stream.slot] = None
         self.slot_seq[stream.slot] = stream.next_seq
         self.per_connection[stream.identity] -= 1
@@ -407,6 +424,7 @@ class StreamTable:
     def drop_connection(self, identity: bytes) -> None:
         """The client is gone: close its streams without replies once their frames are done."""
         for stream in [s for s in self.streams.values() if s.identity == identity and not s.closing]:
+            self.lane.demote(stream)
             stream.closing = True
             stream.chunks.append(PendingChunk(P.CLOSE_SEQ, 0, stream.next_seq, kind="close"))
             self.complete_chunks(stream)
@@ -423,7 +441,15 @@ class StreamTable:
                 else:
                     still.append((slot, worker, position))
             self.quarantine = still
+        lane = self.lane
+        for slot in np.flatnonzero(lane.on & (lane.next_seq == lane.expected_seq)
+                                   & (now - lane.last_active > self.idle_timeout_s)).tolist():
+            stream = self.by_slot[slot]
+            assert stream is not None
+            lane.demote(stream)
         for stream in list(self.streams.values()):
+            if lane.on[stream.slot]:
+                continue
             if not stream.closing and not stream.in_flight and now - stream.last_active > self.idle_timeout_s:
                 self.counters["streams_expired"] += 1
                 self.error(stream.identity, 0, stream.stream_id, 0, ErrorCode.EXPIRED,

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from engine.streams import PendingChunk, Stream
+from engine.lane import IN_FLIGHT, shape_key
+from engine.streams import FRESH_NS, PendingChunk, Stream
 from transport import protocol as P
 from transport import records
 from transport.protocol import ErrorCode
@@ -38,20 +39,6 @@ if TYPE_CHECKING:
 MIN_ITEMS = 4
 _INT16_SCALE = np.float32(1.0 / 32768.0)
 _HEAD_WORDS = P.AUDIO_ITEM.size // 4
-_NEVER = 1 << 62
-
-
-class _FrameSet:
-    """The frames bound for one worker (with one shed deadline)."""
-
-    __slots__ = ("taken", "slots", "seqs", "flags", "arrived_ns")
-
-    def __init__(self) -> None:
-        self.taken: list[int] = []  # index among the frames taken in bulk
-        self.slots: list[int] = []
-        self.seqs: list[int] = []
-        self.flags: list[int] = []
-        self.arrived_ns = _NEVER  # the earliest arrival among them
 
 
 class Frames:
@@ -102,96 +89,133 @@ def take_frame_set(table: StreamTable, identity: bytes, request_id: int, msg: by
 
 
 def take_frames(table: StreamTable, frames: Frames) -> None:
-    """Every frame that fits in bulk, one record per worker; then, in order, the rest item by item."""
+    """Every frame of a lane stream (engine/lane.py) in bulk, one record per worker; then, in
+    order, the rest item by item."""
     pcm, dtype = frames.pcm, frames.dtype
     n, samples = pcm.shape
     rate, _ = table.frame_shapes[(dtype, samples * pcm.itemsize)]
     context = table.context_samples[rate]
     width = context + samples
-    identities, request_ids, ids, chunk_seqs = frames.identities, frames.request_ids, frames.ids, frames.chunk_seqs
-    finite = np.isfinite(pcm).all(axis=1).tolist() if dtype == P.DType.FLOAT32 else None
-    out, streams, limit, counters = table.out(), table.streams, table.max_in_flight, table.counters
-    # Judged for the whole set, before any stream changes: at most this set's size more than
-    # the item-by-item path would allow.
-    room = [out.room_for(w, records.frames_record_bytes(n, width)) for w in range(len(table.worker_load))]
-    held = frames.held
-    one_by_one = list(held)
+    lane = table.lane
+    slot_of = table.slot_of
+    slots = np.array([slot_of.get(key, -1) for key in zip(frames.identities, frames.ids)], np.intp)
+    fits = slots >= 0
+    if frames.held:
+        fits[list(frames.held)] = False
+    if dtype == P.DType.FLOAT32:
+        fits &= np.isfinite(pcm).all(axis=1)
+    slots[~fits] = 0  # a valid index; these items are not taken
+    shape, limit = shape_key(dtype, rate), min(table.max_in_flight, IN_FLIGHT)
+    in_lane = fits & lane.on[slots]
+    in_lane &= lane.shape[slots] == shape
+    in_lane &= lane.next_seq[slots] - lane.expected_seq[slots] < limit
+    if not in_lane.all():
+        for i in np.flatnonzero(fits & ~lane.on[slots]).tolist():
+            stream = table.by_slot[int(slots[i])]
+            assert stream is not None
+            if lane.eligible(stream) and stream.dtype == dtype and stream.rate == rate:
+                lane.promote(stream)
+                in_lane[i] = stream.next_seq - stream.expected_seq < limit
+    taken = np.flatnonzero(in_lane)
+    one_by_one = np.flatnonzero(~in_lane).tolist()
 
-    sets: dict[tuple[int, int], _FrameSet] = {}
-    rows: list[int] = []  # items taken in bulk, in order
-    slots: list[int] = []
-    shed: list[tuple[int, Stream, int]] = []
     now_ns = time.monotonic_ns()
-    now_s = now_ns / 1e9
-    for i, stream_id in enumerate(ids):
-        if i in held:
-            continue
-        stream = streams.get((identities[i], stream_id))
-        if (stream is None or stream.closing or stream.dtype != dtype or stream.rate != rate
-                or stream.buf_len != context or (finite is not None and not finite[i])
-                or len(stream.chunks) >= limit or stream.next_seq - stream.expected_seq >= limit):
-            one_by_one.append(i)
-            continue
-        if stream.buf is not stream.row:  # a large chunk grew a private buffer: back to the matrix
-            stream.row[:context] = stream.buf[:context]
-            stream.buf = stream.row
-        arrived_ns = table.arrival(stream, samples, now_ns)
-        shed_after_ms = stream.shed_after_ms
-        if shed_after_ms and now_ns - arrived_ns > 1_000_000 * shed_after_ms:
-            shed.append((i, stream, arrived_ns))
-            continue
-        if not room[stream.worker]:
-            if shed_after_ms:  # its worker's queue is full: this frame could not run in time either
-                counters["frames_shed_queue_full"] += 1
-                shed.append((i, stream, arrived_ns))
-            else:  # this stream asked never to be shed: refuse, so it can retry
-                counters["frames_refused_overloaded"] += 1
-                table.error(identities[i], request_ids[i], stream_id, chunk_seqs[i], ErrorCode.OVERLOADED,
-                            "the engine is overloaded: this chunk was not used; retry later, or add workers")
-            continue
-        frame_set = sets.get((stream.worker, shed_after_ms))
-        if frame_set is None:
-            frame_set = sets[(stream.worker, shed_after_ms)] = _FrameSet()
-        frame_set.taken.append(len(rows))
-        rows.append(i)
-        slots.append(stream.slot)
-        frame_set.slots.append(stream.slot)
-        frame_set.seqs.append(stream.next_seq)
-        frame_set.flags.append(records.FLAG_FRESH if stream.fresh else 0)
-        frame_set.arrived_ns = min(frame_set.arrived_ns, arrived_ns)
-        stream.fresh = False
-        stream.samples_in += samples
-        stream.last_active = now_s
-        stream.next_seq += 1
-        stream.chunks.append(PendingChunk(chunk_seqs[i], request_ids[i], stream.next_seq, arrived=arrived_ns / 1e9))
-
-    scale = _INT16_SCALE if dtype == P.DType.INT16 else None
-    if rows:
-        # Once for the whole set, then one copy per worker: numpy's cost here is per call.
-        inputs = np.empty((len(rows), width), np.float32)
-        _model_inputs(table.buffers, np.array(slots, np.intp), pcm if len(rows) == n else pcm[rows], scale, inputs)
-        for (worker, shed_after_ms), frame_set in sets.items():
-            def fill(meta: np.ndarray, audio: np.ndarray, frame_set: _FrameSet = frame_set) -> None:
-                meta["seq"] = frame_set.seqs
-                meta["slot"] = frame_set.slots
-                meta["flags"] = frame_set.flags
-                if len(sets) == 1:
-                    audio[:] = inputs
-                else:
-                    np.take(inputs, frame_set.taken, axis=0, out=audio)
-
-            out.write_frame_set(worker, len(frame_set.taken), width, rate, frame_set.arrived_ns, shed_after_ms, fill)
-        counters["frames_in"] += len(rows)
-        counters["frames_in_frame_sets"] += len(rows)
-    if shed:
-        _shed(table, shed, frames, scale, now_s, context)
-    for i in sorted(one_by_one):  # in arrival order: a held repeat after its stream's first frame
+    if len(taken):
+        ts = slots[taken]
+        arrived = _arrivals(table, ts, samples, now_ns)
+        shed_after = lane.shed_after_ms[ts]
+        workers = lane.worker[ts]
+        late = shed_after > 0
+        late &= now_ns - arrived > 1_000_000 * shed_after
+        out = table.out()
+        room = np.array([out.room_for(w, records.frames_record_bytes(n, width))
+                         for w in range(len(table.worker_load))], np.bool_)
+        full = ~room[workers] & ~late
+        go = ~(late | full)
+        if not go.all():
+            _turned_away(table, frames, taken[late], taken[full & (shed_after > 0)], taken[full & (shed_after == 0)],
+                         arrived, taken, pcm, dtype, context, now_ns)
+            taken, ts, arrived, shed_after, workers = taken[go], ts[go], arrived[go], shed_after[go], workers[go]
+        if len(taken):
+            _send(table, frames, taken, ts, arrived, shed_after, workers, width, rate, now_ns)
+    for i in one_by_one:  # in arrival order: a held repeat after its stream's first frame
         msg, offset = frames.locate(i)
         try:
-            table.audio_item(identities[i], request_ids[i], ids[i], chunk_seqs[i], dtype, msg, offset,
-                             samples * pcm.itemsize)
+            table.audio_item(frames.identities[i], frames.request_ids[i], frames.ids[i], frames.chunk_seqs[i], dtype,
+                             msg, offset, samples * pcm.itemsize)
         except P.ProtocolError as exc:
-            table.error(identities[i], request_ids[i], ids[i], chunk_seqs[i], exc.code, str(exc))
+            table.error(frames.identities[i], frames.request_ids[i], frames.ids[i], frames.chunk_seqs[i], exc.code,
+                        str(exc))
+
+
+def _arrivals(table: StreamTable, slots: np.ndarray, samples: int, now_ns: int) -> np.ndarray:
+    """StreamTable.arrival for lane streams, all at once."""
+    lane = table.lane
+    audio = lane.audio_ns[slots] + samples * lane.ns_per_sample[slots]
+    lane.audio_ns[slots] = audio
+    if now_ns - table.drained_ns <= FRESH_NS:
+        lane.clock_ns[slots] = now_ns - audio
+        return np.full(len(slots), now_ns, np.int64)
+    return np.minimum(now_ns, np.maximum(table.drained_ns, lane.clock_ns[slots] + audio))
+
+
+def _send(table: StreamTable, frames: Frames, taken: np.ndarray, slots: np.ndarray, arrived: np.ndarray,
+          shed_after: np.ndarray, workers: np.ndarray, width: int, rate: int, now_ns: int) -> None:
+    """The frames that go to the workers: one FRAME_SET record per (worker, shed deadline)."""
+    lane, pcm = table.lane, frames.pcm
+    seqs = lane.next_seq[slots]
+    lane.next_seq[slots] = seqs + 1
+    k = seqs % IN_FLIGHT
+    lane.chunk_seq[slots, k] = np.array(frames.chunk_seqs, np.uint32)[taken]
+    lane.request_id[slots, k] = np.array(frames.request_ids, np.uint32)[taken]
+    lane.arrived_ns[slots, k] = arrived
+    flags = lane.fresh[slots].astype(np.uint32)  # records.FLAG_FRESH == 1
+    lane.fresh[slots] = False
+    lane.samples_in[slots] += pcm.shape[1]
+    lane.last_active[slots] = now_ns / 1e9
+    count = len(taken)
+    inputs = np.empty((count, width), np.float32)
+    scale = _INT16_SCALE if frames.dtype == P.DType.INT16 else None
+    _model_inputs(table.buffers, slots, pcm if count == len(pcm) else pcm[taken], scale, inputs)
+    keys = workers << 32 | shed_after
+    groups = [None] if (keys == keys[0]).all() else [keys == key for key in np.unique(keys).tolist()]
+    out = table.out()
+    for group in groups:
+        def fill(meta: np.ndarray, audio: np.ndarray, group: np.ndarray | None = group) -> None:
+            if group is None:
+                meta["seq"], meta["slot"], meta["flags"] = seqs, slots, flags
+                audio[:] = inputs
+            else:
+                meta["seq"], meta["slot"], meta["flags"] = seqs[group], slots[group], flags[group]
+                audio[:] = inputs[group]
+
+        first = 0 if group is None else int(np.argmax(group))
+        size = count if group is None else int(np.count_nonzero(group))
+        oldest = int(arrived.min() if group is None else arrived[group].min())
+        out.write_frame_set(int(workers[first]), size, width, rate, oldest, int(shed_after[first]), fill)
+    table.counters["frames_in"] += count
+    table.counters["frames_in_frame_sets"] += count
+
+
+def _turned_away(table: StreamTable, frames: Frames, late: np.ndarray, queue_full: np.ndarray, refused: np.ndarray,
+                 arrived: np.ndarray, taken: np.ndarray, pcm: np.ndarray, dtype: int, context: int,
+                 now_ns: int) -> None:
+    """Lane frames that do not go to a worker: shed at intake (late, or their worker's queue
+    is full), or refused (a stream that asked never to be shed, whose worker's queue is full)."""
+    arrived_of = dict(zip(taken.tolist(), arrived.tolist()))
+    table.counters["frames_shed_queue_full"] += len(queue_full)
+    shed = []
+    for i in sorted(late.tolist() + queue_full.tolist()):
+        stream = table.by_slot[table.slot_of[(frames.identities[i], frames.ids[i])]]
+        assert stream is not None
+        table.lane.demote(stream)
+        shed.append((i, stream, arrived_of[i]))
+    for i in refused.tolist():
+        table.counters["frames_refused_overloaded"] += 1
+        table.error(frames.identities[i], frames.request_ids[i], frames.ids[i], frames.chunk_seqs[i],
+                    ErrorCode.OVERLOADED, "the engine is overloaded: this chunk was not used; retry later, or add workers")
+    if shed:
+        _shed(table, shed, frames, _INT16_SCALE if dtype == P.DType.INT16 else None, now_ns / 1e9, context)
 
 
 def _model_inputs(buffers: np.ndarray, slots: np.ndarray, frames: np.ndarray, scale: np.float32 | None,

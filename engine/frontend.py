@@ -173,7 +173,8 @@ class FrontEnd:
             body, end = item
             count = records.RESULTS_HEADER.unpack_from(body)[1]
             res = records.results_view(body, count)
-            seqs, slots, probs = res["seq"].tolist(), res["slot"].tolist(), res["prob"].tolist()
+            # Copies: the ring's memory is released below.
+            seqs, slots, probs = res["seq"].astype(np.int64), res["slot"].astype(np.intp), res["prob"].copy()
             del res, body
             link.out_ring.release(end)
             self.table.on_results(seqs, slots, probs)

@@ -16,6 +16,9 @@ import numpy as np
 from engine.vad_events import SpeechEvent, SpeechSegmenter
 
 _INT16_SCALE = np.float32(1.0 / 32768.0)  # a power of two: identical to "/ 32768.0"
+# A message read within this long of the front-end finding its socket empty waited at most
+# this long: its read time is its arrival time (see StreamTable.arrival).
+FRESH_NS = 20_000_000
 
 
 @dataclass(slots=True)

@@ -54,6 +54,8 @@ from typing import Any
 _FRAME_SIZES = {16000: 512, 8000: 256}
 _MIN_SILENCE_AT_MAX_SPEECH_MS = 98  # upstream default; not a knob here
 _NO_EVENTS: tuple[SpeechEvent, ...] = ()  # shared: the hot path allocates nothing
+_FOREVER = 1 << 62
+_NEVER_QUIET = (math.inf, math.inf, 0)
 
 
 def _check(key: str, value: object, ok: Callable[[float], bool], allowed: str,
@@ -153,6 +155,31 @@ class SpeechSegmenter:
     @property
     def in_speech(self) -> bool:
         return self._started
+
+    def quiet(self) -> tuple[float, float, int]:
+        """Which next frames would change nothing but the frame count: those with a
+        probability in [lo, hi) and a frame index below ``until``. A caller may skip pushing
+        them (engine/lane.py does, for most frames) and seek() to the next frame it pushes."""
+        if self._pending >= 0 or (self._triggered and (not self._started or self._temp_end)):
+            return _NEVER_QUIET
+        if not self._triggered:  # silence: nothing happens below the threshold
+            return -math.inf, self._thr, _FOREVER
+        # Speech under way with no pause: nothing happens at or above neg_threshold until the
+        # frame whose sample passes max_speech (push's `cur - self._start > self._max_speech`).
+        if math.isinf(self._max_speech):
+            return self._neg, math.inf, _FOREVER
+        w, start, longest = self.frame_size, self._start, self._max_speech
+        until = max(0, math.floor((start + longest) / w))  # a guess, made exact below
+        while not until * w - start > longest:
+            until += 1
+        while until > 0 and (until - 1) * w - start > longest:
+            until -= 1
+        return self._neg, math.inf, until
+
+    def seek(self, frame: int) -> None:
+        """The next push() is frame ``frame``: every frame skipped since the last push was
+        quiet() (checked by the caller, not here)."""
+        self._frame = frame
 
     def push(self, probability: float) -> tuple[SpeechEvent, ...]:
         i = self._frame

@@ -155,6 +155,41 @@ def test_no_lookahead_and_events_are_certain_when_emitted(
             assert e.sample in [s[e.kind - 1] for s in offline], (e, tail[:1], offline)
 
 
+@PROPERTY
+@given(cases(exact=False))
+def test_skipping_quiet_frames_changes_nothing(case: tuple[list[float], int, VadParams, int]) -> None:
+    """engine/lane.py pushes only the frames quiet() does not cover and seeks past the rest:
+    the events must be those of pushing every frame."""
+    probs, sr, p, n = case
+    every, skipping = SpeechSegmenter(p, sr), SpeechSegmenter(p, sr)
+    expected = [e for x in probs for e in every.push(x)]
+    got: list[SpeechEvent] = []
+    lo, hi, until = skipping.quiet()
+    for i, x in enumerate(probs):
+        if lo <= x < hi and i < until:
+            continue
+        skipping.seek(i)
+        got += skipping.push(x)
+        lo, hi, until = skipping.quiet()
+    skipping.seek(len(probs))
+    assert got == expected
+    assert skipping.finish(n) == every.finish(n)
+
+
+def test_quiet_covers_steady_silence_and_speech() -> None:
+    seg = SpeechSegmenter(VadParams(max_speech_duration_s=1.0), 16000)
+    assert seg.quiet() == (-math.inf, 0.5, 1 << 62)  # silence: anything under the threshold
+    for _ in range(9):  # 288 ms of speech: START is out (min_speech 250 ms)
+        seg.push(0.9)
+    lo, hi, until = seg.quiet()
+    assert (lo, hi) == (seg.params.effective_neg_threshold, math.inf)
+    # max_speech 1 s = 16000 samples less a frame and two pads: frame 29 (sample 14848) is
+    # the first past it, so frames 9..28 are quiet
+    assert until == 29
+    seg.push(0.1)  # a pause begins: the next frames may end the segment
+    assert seg.quiet()[0] == math.inf
+
+
 @QUICK
 @given(cases(exact=False))
 def test_any_params_same_segments_within_one_pad(case: tuple[list[float], int, VadParams, int]) -> None:

@@ -1,0 +1,255 @@
+"""Streams in their steady state, held as arrays: the front-end's per-frame work done in bulk.
+
+The front-end is one process, so its time per frame caps what any number of workers can
+serve. A stream that sends whole frames, one per chunk, with nothing else pending, needs per
+frame only a sequence number and its chunk's ids and arrival time on the way in, and on the
+way out its chunk found, its counters moved on, its speech-event machine fed and a reply item.
+Kept in a Stream object that is a few microseconds of Python per frame; here it is a few
+numpy calls per message or per results record, for all its frames at once:
+
+- frame_sets.take_frames takes the frames of lane streams in bulk (the `Lane` arrays);
+- ``answer`` answers every in-order result of a lane stream: one reply item each, one bytes
+  object per client. The speech-event machine runs only for the frames that could move it
+  (SpeechSegmenter.quiet: in silence, a probability under the threshold changes nothing; in
+  speech, one at or over neg_threshold), so for most frames not at all.
+
+A stream joins the lane (``promote``) when its Stream object has nothing pending. Whatever
+else touches it — a partial frame, RESET or CLOSE, a shed or refused frame, an error, expiry,
+its client leaving — first takes it out (``demote``): its counters go back to the Stream and
+its frames in flight become PendingChunks, the state the item-by-item code would have built.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from engine.stats import BUCKETS_US, N_BUCKETS
+from engine.streams import PendingChunk, Stream
+from engine.vad_events import SpeechSegmenter
+from transport import protocol as P
+
+if TYPE_CHECKING:
+    from engine.control import Outlet
+
+# Frames in flight a lane stream may have (a second of audio); one with more leaves the lane.
+IN_FLIGHT = 32
+_BUCKETS_S = np.array(BUCKETS_US, np.float64) / 1e6
+# A reply item with one probability and no events: P.RESULT_ITEM, then the float.
+REPLY_ITEM = np.dtype([("stream", "<u4"), ("chunk", "<u4"), ("first", "<u8"), ("frames", "<u4"),
+                       ("events", "<u2"), ("flags", "<u2"), ("prob", "<f4")])
+assert REPLY_ITEM.itemsize == P.RESULT_ITEM.size + 4
+
+
+def shape_key(dtype: int, rate: int) -> int:
+    return dtype << 32 | rate
+
+
+class Lane:
+    """Per stream slot: whether the stream is in the lane, and its state while it is."""
+
+    def __init__(self, max_streams: int) -> None:
+        n = max_streams
+        self.on = np.zeros(n, np.bool_)
+        self.next_seq = np.zeros(n, np.int64)
+        self.expected_seq = np.zeros(n, np.int64)
+        self.frame_base = np.zeros(n, np.int64)
+        self.fresh = np.zeros(n, np.bool_)
+        self.frame = np.zeros(n, np.int64)
+        self.samples_in = np.zeros(n, np.int64)
+        self.samples_out = np.zeros(n, np.int64)
+        self.last_active = np.zeros(n, np.float64)
+        self.audio_ns = np.zeros(n, np.int64)
+        self.clock_ns = np.zeros(n, np.int64)
+        self.ns_per_sample = np.zeros(n, np.int64)
+        self.shed_after_ms = np.zeros(n, np.int64)
+        self.worker = np.zeros(n, np.int64)
+        self.shape = np.zeros(n, np.int64)  # shape_key of the frames it takes
+        self.stream_id = np.zeros(n, np.uint32)
+        self.conn = np.zeros(n, np.int64)
+        # SpeechSegmenter.quiet() of the stream, as of its last push.
+        self.quiet_lo = np.zeros(n, np.float64)
+        self.quiet_hi = np.zeros(n, np.float64)
+        self.quiet_until = np.zeros(n, np.int64)
+        # Frames in flight, by seq % IN_FLIGHT: their chunk's ids and arrival.
+        self.chunk_seq = np.zeros((n, IN_FLIGHT), np.uint32)
+        self.request_id = np.zeros((n, IN_FLIGHT), np.uint32)
+        self.arrived_ns = np.zeros((n, IN_FLIGHT), np.int64)
+        # Client identities as small ints (reply items are grouped per client), reference-counted.
+        self.identities: list[bytes] = []
+        self.conn_of: dict[bytes, int] = {}
+        self.conn_streams: list[int] = []
+        self.free_conns: list[int] = []
+
+    # ---- joining and leaving ----------------------------------------------------------------
+    @staticmethod
+    def eligible(stream: Stream) -> bool:
+        """Nothing buffered, and nothing pending but one-frame audio chunks with no result yet."""
+        if stream.closing or stream.buf_len != stream.context:
+            return False
+        chunks = stream.chunks
+        if len(chunks) != stream.next_seq - stream.expected_seq or len(chunks) >= IN_FLIGHT:
+            return False
+        seq = stream.expected_seq
+        for chunk in chunks:
+            seq += 1
+            if chunk.end_seq != seq or chunk.kind != "audio" or chunk.shed or chunk.first_frame >= 0:
+                return False
+        return True
+
+    def promote(self, stream: Stream) -> None:
+        """Into the lane; ``stream`` must be eligible()."""
+        s = stream.slot
+        if stream.buf is not stream.row:  # a large chunk grew a private buffer: back to the matrix
+            stream.row[:stream.context] = stream.buf[:stream.context]
+            stream.buf = stream.row
+        for chunk in stream.chunks:
+            k = (chunk.end_seq - 1) % IN_FLIGHT
+            self.chunk_seq[s, k] = chunk.chunk_seq
+            self.request_id[s, k] = chunk.request_id
+            self.arrived_ns[s, k] = round(chunk.arrived * 1e9)
+        stream.chunks.clear()
+        self.on[s] = True
+        self.next_seq[s] = stream.next_seq
+        self.expected_seq[s] = stream.expected_seq
+        self.frame_base[s] = stream.frame_base
+        self.fresh[s] = stream.fresh
+        self.frame[s] = stream.frame
+        self.samples_in[s] = stream.samples_in
+        self.samples_out[s] = stream.samples_out
+        self.last_active[s] = stream.last_active
+        self.audio_ns[s] = stream.audio_ns
+        self.clock_ns[s] = stream.clock_ns
+        self.ns_per_sample[s] = stream.ns_per_sample
+        self.shed_after_ms[s] = stream.shed_after_ms
+        self.worker[s] = stream.worker
+        self.shape[s] = shape_key(stream.dtype, stream.rate)
+        self.stream_id[s] = stream.stream_id
+        self.conn[s] = self._conn(stream.identity)
+        self.set_quiet(s, stream.segmenter)
+
+    def demote(self, stream: Stream) -> None:
+        s = stream.slot
+        if not self.on[s]:
+            return
+        self.on[s] = False
+        stream.next_seq = int(self.next_seq[s])
+        stream.expected_seq = int(self.expected_seq[s])
+        stream.fresh = bool(self.fresh[s])
+        stream.samples_in = int(self.samples_in[s])
+        stream.samples_out = int(self.samples_out[s])
+        stream.last_active = float(self.last_active[s])
+        stream.audio_ns = int(self.audio_ns[s])
+        stream.clock_ns = int(self.clock_ns[s])
+        stream.segmenter.seek(stream.expected_seq - stream.frame_base)
+        for seq in range(stream.expected_seq, stream.next_seq):
+            k = seq % IN_FLIGHT
+            stream.chunks.append(PendingChunk(int(self.chunk_seq[s, k]), int(self.request_id[s, k]), seq + 1,
+                                              arrived=int(self.arrived_ns[s, k]) / 1e9))
+        self._release_conn(stream.identity)
+
+    def set_quiet(self, slot: int, segmenter: SpeechSegmenter) -> None:
+        self.quiet_lo[slot], self.quiet_hi[slot], self.quiet_until[slot] = segmenter.quiet()
+
+    def _conn(self, identity: bytes) -> int:
+        conn = self.conn_of.get(identity)
+        if conn is None:
+            if self.free_conns:
+                conn = self.free_conns.pop()
+                self.identities[conn] = identity
+            else:
+                conn = len(self.identities)
+                self.identities.append(identity)
+                self.conn_streams.append(0)
+            self.conn_of[identity] = conn
+        self.conn_streams[conn] += 1
+        return conn
+
+    def _release_conn(self, identity: bytes) -> None:
+        conn = self.conn_of[identity]
+        self.conn_streams[conn] -= 1
+        if not self.conn_streams[conn]:
+            del self.conn_of[identity]
+            self.identities[conn] = b""
+            self.free_conns.append(conn)
+
+    # ---- results -----------------------------------------------------------------------------
+    def answer(self, seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray, by_slot: list[Stream | None],
+               out: Outlet, hist: list[int]) -> tuple[np.ndarray | None, int, float]:
+        """Answer every result of a lane stream that comes in order and was not shed: (the
+        results left for the caller as a mask, or None if none are; frames answered; seconds
+        their chunks waited, arrival to reply, summed into ``hist``)."""
+        mine = self.on[slots]
+        mine &= self.expected_seq[slots] == seqs
+        mine &= probs == probs  # NaN: the worker shed it
+        count = int(np.count_nonzero(mine))
+        rest = None if count == len(seqs) else ~mine
+        if not count:
+            return rest, 0, 0.0
+        if rest is not None:
+            seqs, slots, probs = seqs[mine], slots[mine], probs[mine]
+        k = seqs % IN_FLIGHT
+        self.expected_seq[slots] = seqs + 1
+        self.samples_out[slots] += self.frame[slots]
+        first = seqs - self.frame_base[slots]
+        quiet = probs >= self.quiet_lo[slots]
+        quiet &= probs < self.quiet_hi[slots]
+        quiet &= first < self.quiet_until[slots]
+        items = np.empty(count, REPLY_ITEM)
+        items["stream"] = self.stream_id[slots]
+        items["chunk"] = self.chunk_seq[slots, k]
+        items["first"] = first
+        items["frames"] = 1
+        items["events"] = 0
+        items["flags"] = 0
+        items["prob"] = probs
+        conns = self.conn[slots]
+        if not quiet.all():
+            quiet = self._push(np.flatnonzero(~quiet).tolist(), items, conns, slots, first, probs, by_slot, out, quiet)
+            if not quiet.all():
+                items, conns = items[quiet], conns[quiet]
+        self._queue(items, conns, out.queue_result)
+        now = time.monotonic()
+        waited = now - self.arrived_ns[slots, k] / 1e9
+        for bucket, n in enumerate(np.bincount(np.searchsorted(_BUCKETS_S, waited), minlength=N_BUCKETS).tolist()):
+            if n:
+                hist[bucket] += n
+        return rest, count, float(waited.sum())
+
+    def _push(self, pushed: list[int], items: np.ndarray, conns: np.ndarray, slots: np.ndarray, first: np.ndarray,
+              probs: np.ndarray, by_slot: list[Stream | None], out: Outlet, plain: np.ndarray) -> np.ndarray:
+        """The frames that may move their speech-event machine, pushed one by one; those that
+        did produce events are replied to here, alone. Returns which frames are plain items."""
+        for j in pushed:
+            slot = int(slots[j])
+            stream = by_slot[slot]
+            assert stream is not None
+            segmenter = stream.segmenter
+            segmenter.seek(int(first[j]))
+            events = segmenter.push(float(probs[j]))
+            self.set_quiet(slot, segmenter)
+            if events:
+                item = items[j]
+                out.queue_result(self.identities[int(conns[j])], P.encode_result_item(
+                    int(item["stream"]), int(item["chunk"]), int(item["first"]), item["prob"].tobytes(),
+                    [(e.kind, e.frame, e.sample) for e in events], 0))
+            else:
+                plain[j] = True
+        return plain
+
+    def _queue(self, items: np.ndarray, conns: np.ndarray, queue: Callable[[bytes, bytes], None]) -> None:
+        """One bytes object of reply items per client (a gateway's whole record is one)."""
+        if not len(items):
+            return
+        if (conns == conns[0]).all():
+            queue(self.identities[int(conns[0])], items.tobytes())
+            return
+        order = np.argsort(conns, kind="stable")
+        items, conns = items[order], conns[order]
+        starts = np.flatnonzero(np.diff(conns)) + 1
+        blob, size = items.tobytes(), REPLY_ITEM.itemsize
+        bounds = [0, *starts.tolist(), len(items)]
+        for a, b in zip(bounds, bounds[1:]):
+            queue(self.identities[int(conns[a])], blob[a * size:b * size])
