@@ -174,25 +174,24 @@ def _send(table: StreamTable, frames: Frames, taken: np.ndarray, slots: np.ndarr
     lane.samples_in[slots] += pcm.shape[1]
     lane.last_active[slots] = now_ns / 1e9
     count = len(taken)
-    inputs = np.empty((count, width), np.float32)
     scale = _INT16_SCALE if frames.dtype == P.DType.INT16 else None
-    _model_inputs(table.buffers, slots, pcm if count == len(pcm) else pcm[taken], scale, inputs)
+    if count < len(pcm):
+        pcm = pcm[taken]
     keys = workers << 32 | shed_after
-    groups = [None] if (keys == keys[0]).all() else [keys == key for key in np.unique(keys).tolist()]
+    groups = [None] if (keys == keys[0]).all() else [np.flatnonzero(keys == key) for key in np.unique(keys).tolist()]
     out = table.out()
     for group in groups:
-        def fill(meta: np.ndarray, audio: np.ndarray, group: np.ndarray | None = group) -> None:
-            if group is None:
-                meta["seq"], meta["slot"], meta["flags"] = seqs, slots, flags
-                audio[:] = inputs
-            else:
-                meta["seq"], meta["slot"], meta["flags"] = seqs[group], slots[group], flags[group]
-                audio[:] = inputs[group]
+        # Each worker's model inputs are made in its record, not copied there.
+        part = (seqs, slots, flags, pcm, arrived) if group is None else (
+            seqs[group], slots[group], flags[group], pcm[group], arrived[group])
 
-        first = 0 if group is None else int(np.argmax(group))
-        size = count if group is None else int(np.count_nonzero(group))
-        oldest = int(arrived.min() if group is None else arrived[group].min())
-        out.write_frame_set(int(workers[first]), size, width, rate, oldest, int(shed_after[first]), fill)
+        def fill(meta: np.ndarray, audio: np.ndarray, part: tuple[np.ndarray, ...] = part) -> None:
+            meta["seq"], meta["slot"], meta["flags"] = part[0], part[1], part[2]
+            _model_inputs(table.buffers, part[1], part[3], scale, audio)
+
+        first = 0 if group is None else int(group[0])
+        out.write_frame_set(int(workers[first]), len(part[0]), width, rate, int(part[4].min()), int(shed_after[first]),
+                            fill)
     table.counters["frames_in"] += count
     table.counters["frames_in_frame_sets"] += count
 
