@@ -4,9 +4,9 @@ Taken item by item (StreamTable.audio_item) a frame costs the front-end tens of 
 of Python, and the front-end is one process: its cost per frame caps what any number of
 workers can serve. Frames that all have one size and dtype form an array, so validation,
 int16 scaling, the 64-sample context of every stream and the records to the workers are a
-few numpy operations for all of them; only the per-stream bookkeeping (sequence numbers,
-pending chunks, the audio clock) stays per item. The frames go to each worker as one
-FRAME_SET record (transport/records.py). Two traffic shapes give such frames:
+few numpy operations for all of them, and so is the per-stream bookkeeping of streams in the
+lane (engine/lane.py: sequence numbers, frames in flight, the audio clock). The frames go to
+each worker as one FRAME_SET record (transport/records.py). Two traffic shapes give such frames:
 
 - a gateway multiplexes its microphones and sends, every tick, one message holding the next
   frame of each stream that is due (``take_frame_set``);
@@ -16,7 +16,8 @@ FRAME_SET record (transport/records.py). Two traffic shapes give such frames:
 Items that do not fit the common case — a stream with a partial frame buffered, a chunk that
 is not exactly one frame, an unknown or closing stream, NaN samples, a stream at its in-flight
 limit, a stream's second frame in the same set — go through the item-by-item path after the
-set, which produces their results or errors exactly as before.
+set (their streams leave the lane first), which produces their results or errors exactly as
+before.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def _send(table: StreamTable, frames: Frames, taken: np.ndarray, slots: np.ndarr
     lane.chunk_seq[slots, k] = np.array(frames.chunk_seqs, np.uint32)[taken]
     lane.request_id[slots, k] = np.array(frames.request_ids, np.uint32)[taken]
     lane.arrived_ns[slots, k] = arrived
-    flags = lane.fresh[slots].astype(np.uint32)  # records.FLAG_FRESH == 1
+    flags = np.where(lane.fresh[slots], records.FLAG_FRESH, 0).astype(np.uint32)
     lane.fresh[slots] = False
     lane.samples_in[slots] += pcm.shape[1]
     lane.last_active[slots] = now_ns / 1e9

@@ -294,3 +294,54 @@ def test_quiet_gate_waits_and_measures_a_noisy_failure_again(monkeypatch: pytest
     quiet_fail = replay.measure_gated(gate, lambda: PointResult("ringserve", "device", "realtime", 10, 32.0, 32.0, 1,
                                                                  1.0, passed=False, cpu={"others_pct": 3.0}))
     assert len(quiet_fail) == 1 and not quiet_fail[0].superseded
+
+
+def test_gateway_rows_are_each_streams_next_chunks() -> None:
+    """The gateway load gathers a tick's chunks as rows of one array (StreamAudio.next_pcm_rows):
+    they must be what next_pcm gives stream by stream, across the loop back to a file's start."""
+    from bench.load_audio import AudioFile, StreamAudio
+
+    rng = np.random.default_rng(3)
+    files = []
+    for name, frames in (("a", 5), ("b", 7)):
+        pcm = rng.integers(-30000, 30000, frames * 512, dtype=np.int16)
+        data = pcm.tobytes() + np.tile(pcm, 2)[:512 * 2].tobytes()
+        files.append(AudioFile(name, 16000, len(pcm), data))
+    by_rows = StreamAudio(files, 0, 4, 1, np.random.default_rng(1))
+    one_by_one = StreamAudio(files, 0, 4, 1, np.random.default_rng(1))
+    for tick in range(20):
+        streams = [s for s in range(4) if (s + tick) % 3]  # a changing subset, as ticks have
+        rows = by_rows.next_pcm_rows(streams)
+        for s, row in zip(streams, rows):
+            assert row.tobytes() == one_by_one.next_pcm(s), (tick, s)
+    assert by_rows.pos == one_by_one.pos
+
+
+def test_ledger_answer_many_counts_as_answer_does() -> None:
+    """A gateway's replies are settled together (Ledger.answer_many): in time, after their
+    time-out, after being expired, and replies to nothing must count as one by one."""
+    from bench.load_ledger import Ledger
+
+    def run(many: bool) -> tuple[dict[str, Any], list[int]]:
+        released: list[int] = []
+        ledger = Ledger(1, 100.0, released.append)  # 100 ms time-out
+        ms = 1_000_000
+        ledger.sent_many([1 << 32 | 1, 2 << 32 | 1, 3 << 32 | 1], 0, [0, 0, 0])
+        ledger.sent_many([4 << 32 | 1], 50 * ms, [49 * ms])
+        ledger.sent_many([7 << 32 | 1], 10 * ms, [0])  # its reply comes after its time-out, before a scan
+        ledger.expire(101 * ms)  # streams 1-3 time out: 4 and 7 are still in flight
+        ledger.sent_many([5 << 32 | 1, 6 << 32 | 1], 100 * ms, [99 * ms, 98 * ms])
+        replies = [1 << 32 | 1, 4 << 32 | 1, 9 << 32 | 9, 7 << 32 | 1, 5 << 32 | 1, 6 << 32 | 1]
+        if many:
+            answered = ledger.answer_many(replies, 120 * ms)
+        else:
+            answered = [key for key in replies if ledger.answer(key, 1, 120 * ms)]
+        window = ledger.take_window()
+        window["lat"] = sorted(np.frombuffer(window["lat"], np.float32).tolist())
+        window["lateness"] = sorted(np.frombuffer(window["lateness"], np.float32).tolist())
+        return window, answered + released
+
+    assert run(True) == run(False)
+    window, _ = run(True)
+    assert (window["answered"], window["late"], window["unexpected"], window["timed_out"]) == (3, 2, 1, 4)
+    assert window["lateness"] == [1.0, 1.0, 2.0]
