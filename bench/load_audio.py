@@ -52,8 +52,6 @@ class StreamAudio:
         self.chunk_samples = [chunk_frames * FRAME_SAMPLES[f.rate] for f in self.file]
         self.pos = [int(rng.integers(0, f.samples // FRAME_SAMPLES[f.rate])) * FRAME_SAMPLES[f.rate]
                     for f in self.file]
-        self._pool: np.ndarray | None = None  # built on first use by next_pcm_rows
-        self._start = self._samples = np.zeros(0, np.int64)
 
     def next_pcm(self, s: int) -> bytes:
         p, cs, f = self.pos[s], self.chunk_samples[s], self.file[s]
@@ -61,33 +59,3 @@ class StreamAudio:
         p += cs
         self.pos[s] = p - f.samples if p >= f.samples else p
         return pcm
-
-    def next_pcm_rows(self, streams: list[int]) -> np.ndarray:
-        """next_pcm of each of ``streams`` (one chunk size for all of them), as rows of one array."""
-        if self._pool is None:
-            self._make_pool()
-        assert self._pool is not None
-        chunk = self.chunk_samples[streams[0]]
-        index = np.array(streams, np.intp)
-        pos = self._pos_array(streams)
-        rows = self._pool[(self._start[index] + pos)[:, None] + np.arange(chunk)]
-        pos += chunk
-        pos -= np.where(pos >= self._samples[index], self._samples[index], 0)
-        for s, p in zip(streams, pos.tolist()):
-            self.pos[s] = p
-        return rows
-
-    def _pos_array(self, streams: list[int]) -> np.ndarray:
-        pos = self.pos
-        return np.array([pos[s] for s in streams], np.int64)
-
-    def _make_pool(self) -> None:
-        """Every file's samples (with their looped tails) in one array, for gathering rows."""
-        files = list({id(f): f for f in self.file}.values())
-        offsets, start = {}, 0
-        for f in files:
-            offsets[id(f)] = start
-            start += len(f.data) // 2
-        self._pool = np.frombuffer(b"".join(f.data for f in files), "<i2")
-        self._start = np.array([offsets[id(f)] for f in self.file], np.int64)
-        self._samples = np.array([f.samples for f in self.file], np.int64)

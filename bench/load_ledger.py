@@ -10,10 +10,7 @@ from __future__ import annotations
 from array import array
 from collections import Counter, deque
 from collections.abc import Callable
-from itertools import repeat
 from typing import Any
-
-import numpy as np
 
 _MAX_TIMED_OUT_KEYS = 1_000_000
 
@@ -62,35 +59,6 @@ class Ledger:
         window.sent += self.chunk_frames
         if due:
             window.lateness.append((now - due) * 1e-6)
-
-    def sent_many(self, keys: list[int], now: int, dues: list[int]) -> None:
-        """sent() of many chunks that left together (a gateway's message)."""
-        self.pending.update(zip(keys, repeat(now)))
-        self.deadlines.extend(zip(repeat(now + self.timeout_ns), keys))
-        window = self.window
-        window.sent += self.chunk_frames * len(keys)
-        due = np.array(dues, np.int64)
-        due = due[due != 0]
-        if len(due):
-            window.lateness.frombytes(((now - due) * 1e-6).astype(np.float32).tobytes())
-
-    def answer_many(self, keys: list[int], now: int) -> list[int]:
-        """answer() of many one-frame replies that arrived together; returns the keys of the
-        chunks they answered."""
-        pop = self.pending.pop
-        sent = np.array([pop(key, -1) for key in keys], np.int64)
-        ok = sent >= 0
-        ok &= now - sent <= self.timeout_ns
-        if not ok.all():
-            for i in np.flatnonzero(~ok).tolist():  # as answer() would have: nothing in flight, or too late
-                if sent[i] >= 0:
-                    self.pending[keys[i]] = int(sent[i])
-                self.answer(keys[i], 1, now)
-            keys = [key for key, good in zip(keys, ok.tolist()) if good]
-            sent = sent[ok]
-        self.window.answered += len(keys)
-        self.window.lat.frombytes(((now - sent) * 1e-6).astype(np.float32).tobytes())
-        return keys
 
     def answer(self, key: int, frames: int, now: int) -> bool:
         """A reply for ``frames`` frames arrived at ``now``: True if it answers a chunk in flight."""

@@ -12,7 +12,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
 
-import numpy as np
 import zmq
 
 from bench.load_audio import StreamAudio
@@ -28,10 +27,6 @@ _EVENT_SIZE = P.EVENT_ITEM.size
 _ERROR = P.ERROR_BODY
 _F32 = struct.Struct("<f")
 _GATEWAY_MSG_BYTES = 256 * 1024  # split a gateway tick's message above this (engine limit: 1 MiB)
-_GATEWAY_MSG_ITEMS = 240  # the same, for items of mixed sizes (16 kHz: 1,040 bytes each)
-# A reply item with one probability and no events (P.RESULT_ITEM, then the float).
-_PLAIN_REPLY = np.dtype([("stream", "<u4"), ("seq", "<u4"), ("first", "<u8"), ("frames", "<u4"),
-                         ("events", "<u2"), ("flags", "<u2"), ("prob", "<f4")])
 _EPOLLIN = select.EPOLLIN
 # Plain ints: bit operations on pyzmq's / the protocol's enum members go through enum.__and__
 # and cost more than the rest of a frame's bookkeeping.
@@ -60,14 +55,10 @@ class ZmqLink:
         self.sent_socks: list[zmq.Socket] = []  # device sockets sent on since the last check
         self.socks: list[zmq.Socket] = []
         self.closed_streams = 0
-        self.gateway_streams: list[int] = []  # the chunks due this tick: stream, seq, due time
-        self.gateway_seqs: list[int] = []
-        self.gateway_dues: list[int] = []
+        self.gateway_parts: list[bytes] = []
+        self.gateway_bytes = 0
+        self.gateway_due: list[tuple[int, int, int]] = []
         self.gateway = plan.shape == "gateway"
-        # One message's items as an array: a gateway's streams all send one chunk size.
-        sizes = set(audio.chunk_samples)
-        self.gateway_item = np.dtype([("stream", "<u4"), ("seq", "<u4"), ("dtype", "<u4"), ("nbytes", "<u4"),
-                                      ("pcm", "<i2", (sizes.pop(),))]) if len(sizes) == 1 else None
         self._opening: dict[str, Any] | None = None
 
     # ---- setup -----------------------------------------------------------------------------
@@ -127,12 +118,16 @@ class ZmqLink:
     def send(self, s: int, seq: int, due: int) -> None:
         """Send (device) or queue for this tick (gateway) chunk ``seq`` of stream s; ``due``:
         its time on the absolute schedule (0 in max pace)."""
-        if self.gateway:
-            self.gateway_streams.append(s)
-            self.gateway_seqs.append(seq)
-            self.gateway_dues.append(due)
-            return
         sid = self.sid[s]
+        if self.gateway:
+            pcm = self.audio.next_pcm(s)
+            self.gateway_parts.append(_ITEM.pack(sid, seq, _INT16, len(pcm)))
+            self.gateway_parts.append(pcm)
+            self.gateway_bytes += _ITEM.size + len(pcm)
+            self.gateway_due.append((s, seq, due))
+            if self.gateway_bytes >= _GATEWAY_MSG_BYTES:
+                self.flush()
+            return
         sock = self.socks[s]
         msg = self._audio_message(s, seq)
         now = time.monotonic_ns()
@@ -141,34 +136,19 @@ class ZmqLink:
         self.sent_socks.append(sock)
 
     def flush(self) -> None:
-        """Gateway shape: every chunk queued since the last flush, in one AUDIO message (more
-        above _GATEWAY_MSG_BYTES), built as one array of items."""
-        streams, seqs, dues = self.gateway_streams, self.gateway_seqs, self.gateway_dues
-        if not streams:
+        """Gateway shape: one AUDIO message carrying every chunk queued since the last flush."""
+        if not self.gateway_parts:
             return
-        self.gateway_streams, self.gateway_seqs, self.gateway_dues = [], [], []
-        sock, item = self.socks[0], self.gateway_item
-        if item is None or len(set(streams)) < len(streams):  # two chunk sizes, or a stream twice (max pace)
-            parts = []
-            for s, seq in zip(streams, seqs):
-                pcm = self.audio.next_pcm(s)
-                parts.append(_ITEM.pack(self.sid[s], seq, _INT16, len(pcm)) + pcm)
-            messages = [b"".join(parts[i:i + _GATEWAY_MSG_ITEMS]) for i in range(0, len(parts), _GATEWAY_MSG_ITEMS)]
-        else:
-            items = np.empty(len(streams), item)
-            items["stream"] = np.array(self.sid, np.uint32)[streams]
-            items["seq"] = seqs
-            items["dtype"] = _INT16
-            items["nbytes"] = item["pcm"].itemsize
-            items["pcm"] = self.audio.next_pcm_rows(streams)
-            per = max(1, _GATEWAY_MSG_BYTES // item.itemsize)
-            messages = [items[i:i + per].tobytes() for i in range(0, len(items), per)]
-        head = P.header(P.MsgType.AUDIO)
+        sock = self.socks[0]
+        msg = P.header(P.MsgType.AUDIO) + b"".join(self.gateway_parts)
         now = time.monotonic_ns()
-        for body in messages:
-            sock.send(head + body, copy=True)
-        sid = self.sid
-        self.ledger.sent_many([(sid[s] << 32) | seq for s, seq in zip(streams, seqs)], now, dues)
+        sock.send(msg, copy=True)
+        sent, sid = self.ledger.sent, self.sid
+        for s, seq, due in self.gateway_due:
+            sent((sid[s] << 32) | seq, now, due)
+        self.gateway_parts = []
+        self.gateway_due = []
+        self.gateway_bytes = 0
         self.sent_socks.append(sock)
 
     # ---- receiving -------------------------------------------------------------------------
@@ -207,8 +187,6 @@ class ZmqLink:
     def _on_message(self, msg: bytes, now: int) -> None:
         kind = msg[3]
         ledger = self.ledger
-        if kind == _RESULTS and self.gateway and self._plain_results(msg, now):
-            return
         if kind == _RESULTS:
             offset, end = P.HEADER.size, len(msg)
             while offset < end:
@@ -244,23 +222,6 @@ class ZmqLink:
                 opening["opened"] += 1
         else:
             ledger.window.unexpected += 1
-
-    def _plain_results(self, msg: bytes, now: int) -> bool:
-        """A RESULTS message of one-frame items without events or flags (a gateway's usual
-        reply), taken as one array; False (nothing taken) for any other. Items are parsed in
-        order, so if every item read as a fixed-size one says it is one, they all are."""
-        body = len(msg) - P.HEADER.size
-        if body <= 0 or body % _PLAIN_REPLY.itemsize:
-            return False
-        items = np.frombuffer(msg, _PLAIN_REPLY, offset=P.HEADER.size)
-        if not ((items["frames"] == 1).all() and (items["events"] == 0).all() and (items["flags"] == 0).all()):
-            return False
-        keys = (items["stream"].astype(np.int64) << 32 | items["seq"]).tolist()
-        answered = self.ledger.answer_many(keys, now)
-        if self.plan.pace == "max":
-            for key in answered:
-                self.released(key >> 32)
-        return True
 
     # ---- the end ---------------------------------------------------------------------------
     def close_streams(self, timeout: float) -> tuple[int, int]:
