@@ -77,7 +77,6 @@ class StreamTable:
         self.outlet: Outlet | None = None
         self.streams: dict[tuple[bytes, int], Stream] = {}
         self.by_slot: list[Stream | None] = [None] * max_streams
-        self.slot_of: dict[tuple[bytes, int], int] = {}
         self.lane = Lane(max_streams)  # streams in their steady state, held as arrays
         # Every slot's stream buffer, one page each: np.zeros maps it lazily, so a slot
         # costs memory only once a stream has used it.
@@ -178,7 +177,6 @@ class StreamTable:
                         self.buffers[slot])
         stream.shed_after_ms = shed_after_ms
         self.streams[key] = self.by_slot[slot] = stream
-        self.slot_of[key] = slot
         self.per_connection[identity] += 1
         self.counters["streams_opened"] += 1
         reply = {"stream": stream_id, "sample_rate": rate, "frame_samples": stream.frame,
@@ -411,7 +409,6 @@ class StreamTable:
     def release(self, stream: Stream) -> None:
         """Forget a stream; its slot is reused only once its worker released every frame of it."""
         del self.streams[(stream.identity, stream.stream_id)]
-        del self.slot_of[(stream.identity, stream.stream_id)]
         self.by_slot[stream.slot] = None
         self.slot_seq[stream.slot] = stream.next_seq
         self.per_connection[stream.identity] -= 1

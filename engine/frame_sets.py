@@ -97,9 +97,9 @@ def take_frames(table: StreamTable, frames: Frames) -> None:
     rate, _ = table.frame_shapes[(dtype, samples * pcm.itemsize)]
     context = table.context_samples[rate]
     width = context + samples
-    lane = table.lane
-    slot_of = table.slot_of
-    slots = np.array([slot_of.get(key, -1) for key in zip(frames.identities, frames.ids)], np.intp)
+    lane, get = table.lane, table.streams.get
+    slots = np.array([-1 if (stream := get(key)) is None else stream.slot
+                      for key in zip(frames.identities, frames.ids)], np.intp)
     fits = slots >= 0
     if frames.held:
         fits[list(frames.held)] = False
@@ -134,8 +134,8 @@ def take_frames(table: StreamTable, frames: Frames) -> None:
         full = ~room[workers] & ~late
         go = ~(late | full)
         if not go.all():
-            _turned_away(table, frames, taken[late], taken[full & (shed_after > 0)], taken[full & (shed_after == 0)],
-                         arrived, taken, pcm, dtype, context, now_ns)
+            _turned_away(table, frames, slots, taken[late], taken[full & (shed_after > 0)],
+                         taken[full & (shed_after == 0)], dict(zip(taken.tolist(), arrived.tolist())), context, now_ns)
             taken, ts, arrived, shed_after, workers = taken[go], ts[go], arrived[go], shed_after[go], workers[go]
         if len(taken):
             _send(table, frames, taken, ts, arrived, shed_after, workers, width, rate, now_ns)
@@ -197,16 +197,15 @@ def _send(table: StreamTable, frames: Frames, taken: np.ndarray, slots: np.ndarr
     table.counters["frames_in_frame_sets"] += count
 
 
-def _turned_away(table: StreamTable, frames: Frames, late: np.ndarray, queue_full: np.ndarray, refused: np.ndarray,
-                 arrived: np.ndarray, taken: np.ndarray, pcm: np.ndarray, dtype: int, context: int,
-                 now_ns: int) -> None:
+def _turned_away(table: StreamTable, frames: Frames, slots: np.ndarray, late: np.ndarray, queue_full: np.ndarray,
+                 refused: np.ndarray, arrived_of: dict[int, int], context: int, now_ns: int) -> None:
     """Lane frames that do not go to a worker: shed at intake (late, or their worker's queue
-    is full), or refused (a stream that asked never to be shed, whose worker's queue is full)."""
-    arrived_of = dict(zip(taken.tolist(), arrived.tolist()))
+    is full), or refused (a stream that asked never to be shed, whose worker's queue is full).
+    Items are indices into ``frames`` (and ``slots``); ``arrived_of``: item -> its arrival."""
     table.counters["frames_shed_queue_full"] += len(queue_full)
     shed = []
     for i in sorted(late.tolist() + queue_full.tolist()):
-        stream = table.by_slot[table.slot_of[(frames.identities[i], frames.ids[i])]]
+        stream = table.by_slot[int(slots[i])]
         assert stream is not None
         table.lane.demote(stream)
         shed.append((i, stream, arrived_of[i]))
@@ -215,7 +214,7 @@ def _turned_away(table: StreamTable, frames: Frames, late: np.ndarray, queue_ful
         table.error(frames.identities[i], frames.request_ids[i], frames.ids[i], frames.chunk_seqs[i],
                     ErrorCode.OVERLOADED, "the engine is overloaded: this chunk was not used; retry later, or add workers")
     if shed:
-        _shed(table, shed, frames, _INT16_SCALE if dtype == P.DType.INT16 else None, now_ns / 1e9, context)
+        _shed(table, shed, frames, _INT16_SCALE if frames.dtype == P.DType.INT16 else None, now_ns / 1e9, context)
 
 
 def _model_inputs(buffers: np.ndarray, slots: np.ndarray, frames: np.ndarray, scale: np.float32 | None,

@@ -43,6 +43,12 @@ REPLY_ITEM = np.dtype([("stream", "<u4"), ("chunk", "<u4"), ("first", "<u8"), ("
 assert REPLY_ITEM.itemsize == P.RESULT_ITEM.size + 4
 
 
+# Stream fields the lane moves on while it holds the stream: copied in at promote, back at demote.
+_CARRIED = ("next_seq", "expected_seq", "fresh", "samples_in", "samples_out", "last_active", "audio_ns", "clock_ns")
+# Stream fields that stay as they are for the stream's life in the lane: copied in only.
+_FIXED = ("frame_base", "frame", "ns_per_sample", "shed_after_ms", "worker", "stream_id")
+
+
 def shape_key(dtype: int, rate: int) -> int:
     return dtype << 32 | rate
 
@@ -112,21 +118,9 @@ class Lane:
             self.arrived_ns[s, k] = round(chunk.arrived * 1e9)
         stream.chunks.clear()
         self.on[s] = True
-        self.next_seq[s] = stream.next_seq
-        self.expected_seq[s] = stream.expected_seq
-        self.frame_base[s] = stream.frame_base
-        self.fresh[s] = stream.fresh
-        self.frame[s] = stream.frame
-        self.samples_in[s] = stream.samples_in
-        self.samples_out[s] = stream.samples_out
-        self.last_active[s] = stream.last_active
-        self.audio_ns[s] = stream.audio_ns
-        self.clock_ns[s] = stream.clock_ns
-        self.ns_per_sample[s] = stream.ns_per_sample
-        self.shed_after_ms[s] = stream.shed_after_ms
-        self.worker[s] = stream.worker
+        for name in _CARRIED + _FIXED:
+            getattr(self, name)[s] = getattr(stream, name)
         self.shape[s] = shape_key(stream.dtype, stream.rate)
-        self.stream_id[s] = stream.stream_id
         self.conn[s] = self._conn(stream.identity)
         self.set_quiet(s, stream.segmenter)
 
@@ -135,14 +129,8 @@ class Lane:
         if not self.on[s]:
             return
         self.on[s] = False
-        stream.next_seq = int(self.next_seq[s])
-        stream.expected_seq = int(self.expected_seq[s])
-        stream.fresh = bool(self.fresh[s])
-        stream.samples_in = int(self.samples_in[s])
-        stream.samples_out = int(self.samples_out[s])
-        stream.last_active = float(self.last_active[s])
-        stream.audio_ns = int(self.audio_ns[s])
-        stream.clock_ns = int(self.clock_ns[s])
+        for name in _CARRIED:
+            setattr(stream, name, getattr(self, name)[s].item())  # .item(): a Python int, float or bool
         stream.segmenter.seek(stream.expected_seq - stream.frame_base)
         for seq in range(stream.expected_seq, stream.next_seq):
             k = seq % IN_FLIGHT
