@@ -23,7 +23,6 @@ from bench.load_ledger import Ledger
 from bench.load_plan import LoadPlan
 from bench.load_socket import Connection, Connections
 from bench.load_zmq import ZmqLink
-from transport import protocol as P
 
 # Greeting: signature, version 3.0, mechanism NULL, as-server 0, filler (RFC 23 section 3).
 GREETING = b"\xff" + bytes(8) + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") + bytes(32)
