@@ -143,7 +143,9 @@ class LoadRun:
                     ledger.expire(now)
                     self._control()
                 if now >= next_due:
-                    send_due(now)
+                    # A gateway sends on its ticks only, not whenever a reply wakes it: one
+                    # message per tick, however many replies come between.
+                    send_due(now - (now - t0) % tick_ns if tick_ns else now)
                 elif gateway and plan.pace == "max":
                     link.flush()
                 wake = min(next_report, next_house)

@@ -198,7 +198,7 @@ class FrontEnd:
     def _read_router(self, budget: int) -> tuple[int, int]:
         """Messages read, and when the socket was found empty (0: it was not)."""
         recv, handle, clock = self.router.recv, self.table.on_message, time.monotonic_ns
-        collect, flush = self.device_frames.offer, self.device_frames.flush
+        collect, flush, counters = self.device_frames.offer, self.device_frames.flush, self.counters
         stop_at = clock() + _PUMP_NS
         for n in range(budget):
             if n and clock() > stop_at:
@@ -212,6 +212,7 @@ class FrontEnd:
             # through pyzmq's option enum, ~0.5 us a message.
             frame = recv(_NOBLOCK, copy=False)
             msg = frame.bytes
+            counters["messages_in"] += 1  # before it is handled: a STATS reply then counts its own request
             if frame.more:
                 while self.router.get(_RCVMORE):
                     recv(_NOBLOCK)

@@ -67,6 +67,8 @@ class EngineCollector(Collector):
         counters = stats["counters"]
         yield CounterMetricFamily("ringserve_frames", "Frames run through the model", value=stats["frames"])
         yield CounterMetricFamily("ringserve_executions", "Model executions (batches)", value=stats["executions"])
+        yield CounterMetricFamily("ringserve_messages_received", "Messages received from clients",
+                                  value=counters.get("messages_in", 0))
         yield CounterMetricFamily("ringserve_frames_received", "Complete frames received from clients",
                                   value=counters.get("frames_in", 0))
         yield CounterMetricFamily("ringserve_frames_in_frame_sets", "Frames the front-end took in bulk: a gateway's "

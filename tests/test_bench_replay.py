@@ -91,6 +91,21 @@ def test_gateway_shape_and_max_pace(engine: DaemonProcess, fleet: LoadFleet) -> 
     assert math.isnan(closed.lateness_p50_ms)  # no schedule in a closed loop
 
 
+def test_a_gateway_sends_one_message_per_tick(engine: DaemonProcess, fleet: LoadFleet) -> None:
+    """Chunks that fall due between ticks wait for the next one, however often replies wake the
+    load process: 64 streams over 8 ticks a frame is 8 frames a message (sending whatever was due
+    at each wake-up, this bench sent 2.7)."""
+    streams = 64
+    point = measure_point(engine.endpoint, streams, shape="gateway", duration_s=1.0, settings=FAST, fleet=fleet)
+    assert point.sent == point.answered > 0 and point.lost == 0
+    counters = point.engine["counters"]
+    ticks_per_frame = 32.0 / FAST.tick_ms
+    # the engine's counters over the measured windows: the gateway's messages and the bench's STATS (one a window)
+    frames_per_message = counters["frames_in"] / counters["messages_in"]
+    assert frames_per_message >= 0.9 * streams / ticks_per_frame, counters
+    assert point.lateness_p50_ms >= 0.25 * FAST.tick_ms  # waiting for the tick is part of the schedule error
+
+
 @pytest.mark.parametrize("device_link", ["zmtp", "libzmq"])
 def test_refused_frames_are_counted_lost_with_their_code(engine: DaemonProcess, fleet: LoadFleet,
                                                          device_link: str) -> None:

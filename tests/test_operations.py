@@ -16,6 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,12 +118,16 @@ def ops() -> Iterator[HttpEngine]:
     assert "[shutdown] frames served=" in log and "[shutdown] stopped" in log, log
 
 
+STATS_REQUESTS: Counter[str] = Counter()  # sent by settle(), so tests can account for every message
+
+
 def settle(endpoint: str, timeout: float = 5.0) -> dict[str, Any]:
     """Stats once every answered frame is also in the workers' counters (a worker bumps its
     counters just after publishing a batch's results) and every worker is ready."""
     deadline = time.monotonic() + timeout
     with Client(endpoint) as client:
         while True:
+            STATS_REQUESTS["settle"] += 1
             stats = client.stats()
             counters = stats["counters"]
             caught_up = stats["frames"] >= counters.get("frames_out", 0) - counters.get("frames_shed", 0)
@@ -184,6 +189,7 @@ HISTOGRAMS = ("ringserve_queue_seconds", "ringserve_compute_seconds", "ringserve
 def test_metrics_count_every_frame_exactly(ops: HttpEngine) -> None:
     settle(ops.endpoint)
     before, _ = scrape(ops.port)
+    settle_requests = STATS_REQUESTS["settle"]
     # 3 streams x (37 frames + 100 samples): 37 complete frames each, and a zero-padded
     # 38th run when the stream closes.
     results, chunks = send_streams(ops.endpoint, streams=3, frames=37, extra_samples=100, chunk_frames=5)
@@ -197,6 +203,10 @@ def test_metrics_count_every_frame_exactly(ops: HttpEngine) -> None:
     assert delta("ringserve_frames_answered_total") == 114
     assert delta("ringserve_frames_total") == 114  # run through the model
     assert delta("ringserve_frames_received_total") == 114  # 111 complete frames sent + 3 zero-padded at close
+    # OPEN, the audio chunks and CLOSE of each stream, settle()'s STATS requests, and the second
+    # scrape's own (the HTTP thread asks the front-end over the ROUTER; a request counts itself)
+    settled = STATS_REQUESTS["settle"] - settle_requests
+    assert delta("ringserve_messages_received_total") == 3 + chunks + 3 + settled + 1
     assert delta("ringserve_streams_opened_total") == 3
     for where in ("worker", "intake", "queue_full"):
         assert delta("ringserve_frames_shed_total", where=where) == 0
