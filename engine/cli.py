@@ -32,7 +32,8 @@ SETTING_HELP = {
     "batch_delay_us": "let the oldest queued frame wait up to this long for a fuller batch (the worker sleeps meanwhile); 0 runs whatever is ready",
     "busy_batch_delay_us": "the wait of a busy worker: it grows from batch_delay_us (model busy under 40 %% of the time) "
                            "to this (80 %% or more), trading latency for CPU per frame; never below batch_delay_us",
-    "spin_us": "busy-wait this long for more work before blocking on a doorbell",
+    "spin_us": "busy-wait this long for more work before blocking on a doorbell (the front-end only while its "
+               "sleeps are shorter than two spins)",
     "ring_mib": "size of each worker's input ring (MiB)",
     "ready_timeout_s": "how long workers may take to load and warm the model",
     "max_message_bytes": "largest client message accepted",
