@@ -371,8 +371,9 @@ def test_overload_sheds_stays_responsive_and_recovers(tmp_path: Path, bottleneck
 def test_frames_queued_behind_a_flood_are_shed_at_intake() -> None:
     """One connection carries a paced stream and, on another of its streams, a burst of costly
     messages (1,024 tiny items each): the paced frames queue behind the burst in ZeroMQ, and those
-    the front-end reads past their deadline are shed at intake, not sent to a worker; frames sent
-    after the burst are answered on time. Nothing is lost."""
+    the front-end reads past their deadline are shed at intake, not sent to a worker (one it reads
+    just before its deadline may pass it in the worker's queue, behind the burst's items, and be
+    shed there); frames sent after the burst are answered on time. Nothing is lost."""
     daemon = spawn_daemon("--workers", "1", "--shed-after-ms", str(SHED_AFTER_MS))
     try:
         with Client(daemon.endpoint, timeout=10) as admin:
@@ -442,8 +443,10 @@ def test_frames_queued_behind_a_flood_are_shed_at_intake() -> None:
           f"answered ones over 100 ms: {late}")
     assert len(outcome) == seq, "a paced frame got no answer"
     assert len(shed) >= 3, "the burst did not hold the front-end past the deadline"
-    assert delta("frames_shed_at_intake") == delta("frames_shed") == len(shed)
-    assert sum(w["shed_frames"] for w in after["workers"]) == sum(w["shed_frames"] for w in before["workers"])
+    assert delta("frames_shed") == len(shed)
+    at_intake, in_worker = delta("frames_shed_at_intake"), delta("frames_shed_in_worker")
+    assert at_intake + in_worker == len(shed) and at_intake >= 3 and in_worker <= 2, (at_intake, in_worker)
+    assert sum(w["shed_frames"] for w in after["workers"]) - sum(w["shed_frames"] for w in before["workers"]) == in_worker
     # The shed frames are those sent early in the burst (they waited longest), one run of them;
     # the paced frames sent after the burst was through are all answered, promptly.
     assert shed == list(range(shed[0], shed[-1] + 1))
