@@ -258,18 +258,19 @@ class FrontEnd:
             for fd in watched:
                 poller.register(fd, zmq.POLLIN)
             poller.poll(timeout=int(1000 * _HOUSEKEEPING_S * 4))
+            woke = time.monotonic()
             # Poll returns as soon as a message is ready: whatever is queued now arrived just now.
             self.table.drained_ns = time.monotonic_ns()
             # Spin next time only if this sleep was short: devices' messages a few tens of
             # microseconds apart are caught by spinning, a gateway's every few milliseconds are
             # not, and ~2,400 empty turns a second cost it ~1 us of CPU per frame.
-            spin = spin_s if self.table.drained_ns / 1e9 - now < _SPIN_PAYS * spin_s else 0.0
+            spin = spin_s if woke - now < _SPIN_PAYS * spin_s else 0.0
             for fd in watched:
                 poller.unregister(fd)
             for link in self.links:
                 link.out_ring.end_sleep()
                 link.out_ring.doorbell.clear()
-            last_work = time.monotonic()
+            last_work = woke
 
     def housekeeping(self, now: float) -> None:
         for index, link in enumerate(self.links):
