@@ -24,6 +24,7 @@ from typing import Any
 import onnxruntime
 import zmq
 
+from engine import frame_sets
 from engine.config import ServeConfig
 from engine.control import StreamTable
 from engine.frontend import FrontEnd, WorkerLink
@@ -127,6 +128,7 @@ class Daemon:
                 links.append(link)
             for link in links:
                 link.proc.start()
+            frame_sets.warm_up()  # while the workers load their models
             wait_all_ready(self.workers_of(links), cfg.ready_timeout_s, interrupt_fd=wake_r,
                            stop_requested=lambda: self.state != State.STARTING)
             if self.state != State.STARTING:

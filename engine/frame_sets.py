@@ -4,8 +4,9 @@ Taken item by item (StreamTable.audio_item) a frame costs the front-end tens of 
 of Python, and the front-end is one process: its cost per frame caps what any number of
 workers can serve. Frames that all have one size and dtype form an array, so validation,
 int16 scaling, the 64-sample context of every stream and the records to the workers are a
-few numpy operations for all of them, and so is the per-stream bookkeeping of streams in the
-lane (engine/lane.py: sequence numbers, frames in flight, the audio clock). The frames go to
+few calls for all of them, and so is the per-stream bookkeeping of streams in the lane
+(engine/lane.py: sequence numbers, frames in flight, the audio clock): the loops over the
+items are compiled (engine/lane_kernels.py), one call per step of a message. The frames go to
 each worker as one FRAME_SET record (transport/records.py). Two traffic shapes give such frames:
 
 - a gateway multiplexes its microphones and sends, every tick, one message holding the next
@@ -23,18 +24,20 @@ before.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 import numpy as np
 
-from engine.lane import IN_FLIGHT, shape_key
+from engine import lane_kernels as kernels
+from engine.lane import IN_FLIGHT, Lane, shape_key
+from engine.stats import N_BUCKETS
 from engine.streams import FRESH_NS, PendingChunk, Stream
 from transport import protocol as P
 from transport import records
 from transport.protocol import ErrorCode
 
 if TYPE_CHECKING:
-    from engine.control import StreamTable
+    from engine.control import Outlet, StreamTable
 
 # Below this many frames the numpy set-up costs more than it saves.
 MIN_ITEMS = 4
@@ -107,112 +110,82 @@ def take_frames(table: StreamTable, frames: Frames) -> None:
         fits &= np.isfinite(pcm).all(axis=1)
     slots[~fits] = 0  # a valid index; these items are not taken
     shape, limit = shape_key(dtype, rate), min(table.max_in_flight, IN_FLIGHT)
-    in_lane = fits & lane.on[slots]
-    in_lane &= lane.shape[slots] == shape
-    in_lane &= lane.next_seq[slots] - lane.expected_seq[slots] < limit
-    if not in_lane.all():
+    in_lane = np.empty(n, np.bool_)
+    if kernels.lane_fits(fits, slots, lane.on, lane.shape, lane.next_seq, lane.expected_seq, shape, limit, in_lane):
         for i in np.flatnonzero(fits & ~lane.on[slots]).tolist():
             stream = table.by_slot[int(slots[i])]
             assert stream is not None
             if lane.eligible(stream) and stream.dtype == dtype and stream.rate == rate:
                 lane.promote(stream)
                 in_lane[i] = stream.next_seq - stream.expected_seq < limit
-    taken = np.flatnonzero(in_lane)
-    one_by_one = np.flatnonzero(~in_lane).tolist()
 
     now_ns = time.monotonic_ns()
-    if len(taken):
-        ts = slots[taken]
-        arrived = _arrivals(table, ts, samples, now_ns)
-        shed_after = lane.shed_after_ms[ts]
-        workers = lane.worker[ts]
-        late = shed_after > 0
-        late &= now_ns - arrived > 1_000_000 * shed_after
-        out = table.out()
-        room = np.array([out.room_for(w, records.frames_record_bytes(n, width))
-                         for w in range(len(table.worker_load))], np.bool_)
-        full = ~room[workers] & ~late
-        go = ~(late | full)
-        if not go.all():
-            _turned_away(table, frames, slots, taken[late], taken[full & (shed_after > 0)],
-                         taken[full & (shed_after == 0)], dict(zip(taken.tolist(), arrived.tolist())), context, now_ns)
-            taken, ts, arrived, shed_after, workers = taken[go], ts[go], arrived[go], shed_after[go], workers[go]
-        if len(taken):
-            _send(table, frames, taken, ts, arrived, shed_after, workers, width, rate, now_ns)
-    for i in one_by_one:  # in arrival order: a held repeat after its stream's first frame
-        msg, offset = frames.locate(i)
-        try:
-            table.audio_item(frames.identities[i], frames.request_ids[i], frames.ids[i], frames.chunk_seqs[i], dtype,
-                             msg, offset, samples * pcm.itemsize)
-        except P.ProtocolError as exc:
-            table.error(frames.identities[i], frames.request_ids[i], frames.ids[i], frames.chunk_seqs[i], exc.code,
-                        str(exc))
-
-
-def _arrivals(table: StreamTable, slots: np.ndarray, samples: int, now_ns: int) -> np.ndarray:
-    """StreamTable.arrival for lane streams, all at once."""
-    lane = table.lane
-    audio = lane.audio_ns[slots] + samples * lane.ns_per_sample[slots]
-    lane.audio_ns[slots] = audio
-    if now_ns - table.drained_ns <= FRESH_NS:
-        lane.clock_ns[slots] = now_ns - audio
-        return np.full(len(slots), now_ns, np.int64)
-    return np.minimum(now_ns, np.maximum(table.drained_ns, lane.clock_ns[slots] + audio))
-
-
-def _send(table: StreamTable, frames: Frames, taken: np.ndarray, slots: np.ndarray, arrived: np.ndarray,
-          shed_after: np.ndarray, workers: np.ndarray, width: int, rate: int, now_ns: int) -> None:
-    """The frames that go to the workers: one FRAME_SET record per (worker, shed deadline)."""
-    lane, pcm = table.lane, frames.pcm
-    seqs = lane.next_seq[slots]
-    lane.next_seq[slots] = seqs + 1
-    k = seqs % IN_FLIGHT
-    lane.chunk_seq[slots, k] = np.array(frames.chunk_seqs, np.uint32)[taken]
-    lane.request_id[slots, k] = np.array(frames.request_ids, np.uint32)[taken]
-    lane.arrived_ns[slots, k] = arrived
-    flags = np.where(lane.fresh[slots], records.FLAG_FRESH, 0).astype(np.uint32)
-    lane.fresh[slots] = False
-    lane.samples_in[slots] += pcm.shape[1]
-    lane.last_active[slots] = now_ns / 1e9
-    count = len(taken)
-    scale = _INT16_SCALE if frames.dtype == P.DType.INT16 else None
-    if count < len(pcm):
-        pcm = pcm[taken]
-    keys = workers << 32 | shed_after
-    groups = [None] if (keys == keys[0]).all() else [np.flatnonzero(keys == key) for key in np.unique(keys).tolist()]
     out = table.out()
-    for group in groups:
-        # Each worker's model inputs are made in its record, not copied there.
-        part = (seqs, slots, flags, pcm, arrived) if group is None else (
-            seqs[group], slots[group], flags[group], pcm[group], arrived[group])
+    room = np.array([out.room_for(w, records.frames_record_bytes(n, width))
+                     for w in range(len(table.worker_load))], np.bool_)
+    arrived, verdict, keys = np.empty(n, np.int64), np.empty(n, np.int8), np.empty(n, np.int64)
+    going = kernels.admit(in_lane, slots, lane.audio_ns, lane.ns_per_sample, lane.clock_ns, lane.shed_after_ms,
+                          lane.worker, room, samples, now_ns, table.drained_ns, FRESH_NS, arrived, verdict, keys)
+    if going < n:
+        turned_away = (verdict > kernels.GO).nonzero()[0]
+        if len(turned_away):
+            _turned_away(table, frames, slots, verdict, turned_away, arrived, context, now_ns)
+    if going:
+        _send(table, frames, going, keys, slots, arrived, width, rate, now_ns)
+    if going < n:
+        for i in (verdict == kernels.NOT_IN_LANE).nonzero()[0].tolist():  # in arrival order
+            msg, offset = frames.locate(i)
+            try:
+                table.audio_item(frames.identities[i], frames.request_ids[i], frames.ids[i], frames.chunk_seqs[i],
+                                 dtype, msg, offset, samples * pcm.itemsize)
+            except P.ProtocolError as exc:
+                table.error(frames.identities[i], frames.request_ids[i], frames.ids[i], frames.chunk_seqs[i],
+                            exc.code, str(exc))
 
-        def fill(meta: np.ndarray, audio: np.ndarray, part: tuple[np.ndarray, ...] = part) -> None:
-            meta["seq"], meta["slot"], meta["flags"] = part[0], part[1], part[2]
-            _model_inputs(table.buffers, part[1], part[3], scale, audio)
 
-        first = 0 if group is None else int(group[0])
-        out.write_frame_set(int(workers[first]), len(part[0]), width, rate, int(part[4].min()), int(shed_after[first]),
-                            fill)
-    table.counters["frames_in"] += count
-    table.counters["frames_in_frame_sets"] += count
+def _send(table: StreamTable, frames: Frames, going: int, keys: np.ndarray, slots: np.ndarray,
+          arrived: np.ndarray, width: int, rate: int, now_ns: int) -> None:
+    """The frames that go to the workers: one FRAME_SET record per (worker, shed deadline)."""
+    lane = table.lane
+    scale = float(_INT16_SCALE) if frames.dtype == P.DType.INT16 else 0.0
+    chunk_seqs = np.array(frames.chunk_seqs, np.uint32)
+    request_ids = np.array(frames.request_ids, np.uint32)
+    now_s = now_ns / 1e9
+    out = table.out()
+    groups, counts = np.unique(keys, return_counts=True)
+    for key, count in zip(groups.tolist(), counts.tolist()):
+        if key < 0:
+            continue
+
+        def fill(meta: np.ndarray, audio: np.ndarray, key: int = key) -> int:
+            return int(kernels.fill_frame_set(
+                key, keys, slots, frames.pcm, scale, chunk_seqs, request_ids, arrived, now_s, table.buffers,
+                lane.next_seq, lane.chunk_seq, lane.request_id, lane.arrived_ns, lane.fresh, lane.samples_in,
+                lane.last_active, records.FLAG_FRESH, meta.view(np.uint32).reshape(-1, 4), audio))
+
+        out.write_frame_set(key >> 32, count, width, rate, key & 0xFFFFFFFF, fill)
+    table.counters["frames_in"] += going
+    table.counters["frames_in_frame_sets"] += going
 
 
-def _turned_away(table: StreamTable, frames: Frames, slots: np.ndarray, late: np.ndarray, queue_full: np.ndarray,
-                 refused: np.ndarray, arrived_of: dict[int, int], context: int, now_ns: int) -> None:
+def _turned_away(table: StreamTable, frames: Frames, slots: np.ndarray, verdict: np.ndarray, items: np.ndarray,
+                 arrived: np.ndarray, context: int, now_ns: int) -> None:
     """Lane frames that do not go to a worker: shed at intake (late, or their worker's queue
     is full), or refused (a stream that asked never to be shed, whose worker's queue is full).
-    Items are indices into ``frames`` (and ``slots``); ``arrived_of``: item -> its arrival."""
-    table.counters["frames_shed_queue_full"] += len(queue_full)
+    ``items``: their indices into ``frames`` (and ``slots``, ``verdict``, ``arrived``)."""
     shed = []
-    for i in sorted(late.tolist() + queue_full.tolist()):
+    for i in items.tolist():
         stream = table.by_slot[int(slots[i])]
         assert stream is not None
+        if verdict[i] == kernels.REFUSED:
+            table.counters["frames_refused_overloaded"] += 1
+            table.error(frames.identities[i], frames.request_ids[i], frames.ids[i], frames.chunk_seqs[i],
+                        ErrorCode.OVERLOADED, "the engine is overloaded: this chunk was not used; retry later, or add workers")
+            continue
+        if verdict[i] == kernels.QUEUE_FULL:
+            table.counters["frames_shed_queue_full"] += 1
         table.lane.demote(stream)
-        shed.append((i, stream, arrived_of[i]))
-    for i in refused.tolist():
-        table.counters["frames_refused_overloaded"] += 1
-        table.error(frames.identities[i], frames.request_ids[i], frames.ids[i], frames.chunk_seqs[i],
-                    ErrorCode.OVERLOADED, "the engine is overloaded: this chunk was not used; retry later, or add workers")
+        shed.append((i, stream, int(arrived[i])))
     if shed:
         _shed(table, shed, frames, _INT16_SCALE if frames.dtype == P.DType.INT16 else None, now_ns / 1e9, context)
 
@@ -246,3 +219,31 @@ def _shed(table: StreamTable, shed: list[tuple[int, Stream, int]], frames: Frame
         if chunk.end_seq <= stream.expected_seq:
             table.complete_chunks(stream)
     table.counters["frames_in"] += len(shed)
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) each variant of the intake loops the front-end
+    calls — int16 and float32 frames, a gateway's strided message and devices' joined ones —
+    so that no client's first frames wait for the compiler (seconds on a fresh install)."""
+    n, samples, context = MIN_ITEMS, 512, 64
+    lane = Lane(n)
+    slots = np.arange(n, dtype=np.intp)
+    in_lane = np.ones(n, np.bool_)
+    kernels.lane_fits(in_lane, slots, lane.on, lane.shape, lane.next_seq, lane.expected_seq, 0, 1, in_lane)
+    arrived, verdict, keys = np.zeros(n, np.int64), np.empty(n, np.int8), np.zeros(n, np.int64)
+    in_lane[:] = False
+    kernels.admit(in_lane, slots, lane.audio_ns, lane.ns_per_sample, lane.clock_ns, lane.shed_after_ms, lane.worker,
+                  np.ones(1, np.bool_), samples, 0, 0, 0, arrived, verdict, keys)
+    # No stream is in this lane: nothing is answered, nothing goes out.
+    lane.answer(np.zeros(n, np.int64), slots, np.zeros(n, np.float32), [], cast("Outlet", None), [0] * N_BUCKETS)
+    ids = np.zeros(n, np.uint32)
+    for dtype in (np.dtype(np.int16), np.dtype(np.float32)):
+        item = P.AUDIO_ITEM.size + samples * dtype.itemsize
+        message = bytes(P.HEADER.size + n * item)
+        for pcm in (np.ndarray((n, samples), dtype, message, P.HEADER.size + P.AUDIO_ITEM.size, (item, dtype.itemsize)),
+                    np.frombuffer(message, dtype, n * samples).reshape(n, samples)):
+            kernels.fill_frame_set(0, keys, slots, pcm, 0.0, ids, ids, arrived, 0.0,
+                                   np.zeros((n, context + samples), np.float32), lane.next_seq, lane.chunk_seq,
+                                   lane.request_id, lane.arrived_ns, lane.fresh, lane.samples_in, lane.last_active,
+                                   records.FLAG_FRESH, np.zeros((n, 4), np.uint32),
+                                   np.zeros((n, context + samples), np.float32))

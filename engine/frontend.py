@@ -154,15 +154,16 @@ class FrontEnd:
         if in_ring:
             link.in_ring.commit()
 
-    def write_frame_set(self, worker: int, count: int, width: int, rate: int, arrived_ns: int, shed_after_ms: int,
-                        fill: Callable[[np.ndarray, np.ndarray], None]) -> None:
+    def write_frame_set(self, worker: int, count: int, width: int, rate: int, shed_after_ms: int,
+                        fill: Callable[[np.ndarray, np.ndarray], int]) -> None:
         """One record holding one frame each of ``count`` streams (engine/frame_sets.py);
-        ``fill`` writes its frame metadata and model inputs in place."""
+        ``fill`` writes its frame metadata and model inputs in place, and returns the
+        earliest arrival among them."""
         link = self.links[worker]
         target, in_ring = self._reserve(link, records.frames_record_bytes(count, width))
+        arrived_ns = fill(*records.frames_views(target, count, width))
         records.FRAMES_HEADER.pack_into(target, 0, records.KIND_FRAME_SET, count, width, rate, arrived_ns,
                                         shed_after_ms)
-        fill(*records.frames_views(target, count, width))
         del target
         if in_ring:
             link.in_ring.commit()

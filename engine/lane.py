@@ -5,7 +5,8 @@ serve. A stream that sends whole frames, one per chunk, with nothing else pendin
 frame only a sequence number and its chunk's ids and arrival time on the way in, and on the
 way out its chunk found, its counters moved on, its speech-event machine fed and a reply item.
 Kept in a Stream object that is a few microseconds of Python per frame; here it is a few
-numpy calls per message or per results record, for all its frames at once:
+calls per message or per results record, for all its frames at once (the loops over them
+compiled, engine/lane_kernels.py):
 
 - frame_sets.take_frames takes the frames of lane streams in bulk (the `Lane` arrays);
 - ``answer`` answers every in-order result of a lane stream: one reply item each, one bytes
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from engine import lane_kernels as kernels
 from engine.stats import BUCKETS_US, N_BUCKETS
 from engine.streams import PendingChunk, Stream
 from engine.vad_events import SpeechSegmenter
@@ -88,6 +90,7 @@ class Lane:
         self.conn_of: dict[bytes, int] = {}
         self.conn_streams: list[int] = []
         self.free_conns: list[int] = []
+        self._reply_buffers(64)
 
     # ---- joining and leaving ----------------------------------------------------------------
     @staticmethod
@@ -169,62 +172,56 @@ class Lane:
         """Answer every result of a lane stream that comes in order and was not shed: (the
         results left for the caller as a mask, or None if none are; frames answered; seconds
         their chunks waited, arrival to reply, summed into ``hist``)."""
-        mine = self.on[slots]
-        mine &= self.expected_seq[slots] == seqs
-        mine &= probs == probs  # NaN: the worker shed it
-        count = int(np.count_nonzero(mine))
-        rest = None if count == len(seqs) else ~mine
+        n = len(seqs)
+        if n > len(self._mine):
+            self._reply_buffers(n)
+        counts = np.zeros(N_BUCKETS, np.int64)
+        count, pushed, waited = kernels.answer(
+            seqs, slots, probs, self.on, self.expected_seq, self.samples_out, self.frame, self.frame_base,
+            self.quiet_lo, self.quiet_hi, self.quiet_until, self.stream_id, self.chunk_seq, self.conn,
+            self.arrived_ns, _BUCKETS_S, time.monotonic(), self._words, self._floats, self._mine, self._pushed,
+            self._conns, self._slots, counts)
+        rest = None if count == n else ~self._mine[:n]
         if not count:
             return rest, 0, 0.0
-        if rest is not None:
-            seqs, slots, probs = seqs[mine], slots[mine], probs[mine]
-        k = seqs % IN_FLIGHT
-        self.expected_seq[slots] = seqs + 1
-        self.samples_out[slots] += self.frame[slots]
-        first = seqs - self.frame_base[slots]
-        quiet = probs >= self.quiet_lo[slots]
-        quiet &= probs < self.quiet_hi[slots]
-        quiet &= first < self.quiet_until[slots]
-        items = np.empty(count, REPLY_ITEM)
-        items["stream"] = self.stream_id[slots]
-        items["chunk"] = self.chunk_seq[slots, k]
-        items["first"] = first
-        items["frames"] = 1
-        items["events"] = 0
-        items["flags"] = 0
-        items["prob"] = probs
-        conns = self.conn[slots]
-        if not quiet.all():
-            quiet = self._push(np.flatnonzero(~quiet).tolist(), items, conns, slots, first, probs, by_slot, out, quiet)
-            if not quiet.all():
-                items, conns = items[quiet], conns[quiet]
+        items, conns = self._items[:count], self._conns[:count]
+        if pushed:
+            plain = self._push(np.flatnonzero(self._pushed[:count]).tolist(), items, conns, by_slot, out)
+            if not plain.all():
+                items, conns = items[plain], conns[plain]
         self._queue(items, conns, out.queue_result)
-        now = time.monotonic()
-        waited = now - self.arrived_ns[slots, k] / 1e9
-        for bucket, n in enumerate(np.bincount(np.searchsorted(_BUCKETS_S, waited), minlength=N_BUCKETS).tolist()):
-            if n:
-                hist[bucket] += n
-        return rest, count, float(waited.sum())
+        for bucket, waits in enumerate(counts.tolist()):
+            if waits:
+                hist[bucket] += waits
+        return rest, count, waited
 
-    def _push(self, pushed: list[int], items: np.ndarray, conns: np.ndarray, slots: np.ndarray, first: np.ndarray,
-              probs: np.ndarray, by_slot: list[Stream | None], out: Outlet, plain: np.ndarray) -> np.ndarray:
+    def _reply_buffers(self, n: int) -> None:
+        """Room for the reply items of a results record of ``n`` frames (kernels.answer)."""
+        self._items = np.empty(n, REPLY_ITEM)
+        self._words = self._items.view(np.uint32).reshape(n, REPLY_ITEM.itemsize // 4)
+        self._floats = self._items.view(np.float32).reshape(n, REPLY_ITEM.itemsize // 4)
+        self._mine, self._pushed = np.empty(n, np.bool_), np.empty(n, np.bool_)
+        self._conns, self._slots = np.empty(n, np.int64), np.empty(n, np.intp)
+
+    def _push(self, pushed: list[int], items: np.ndarray, conns: np.ndarray, by_slot: list[Stream | None],
+              out: Outlet) -> np.ndarray:
         """The frames that may move their speech-event machine, pushed one by one; those that
-        did produce events are replied to here, alone. Returns which frames are plain items."""
+        did produce events are replied to here, alone. Returns which items are plain."""
+        plain = np.ones(len(items), np.bool_)
         for j in pushed:
-            slot = int(slots[j])
+            slot = int(self._slots[j])
             stream = by_slot[slot]
             assert stream is not None
+            item = items[j]
             segmenter = stream.segmenter
-            segmenter.seek(int(first[j]))
-            events = segmenter.push(float(probs[j]))
+            segmenter.seek(int(item["first"]))
+            events = segmenter.push(float(item["prob"]))
             self.set_quiet(slot, segmenter)
             if events:
-                item = items[j]
                 out.queue_result(self.identities[int(conns[j])], P.encode_result_item(
                     int(item["stream"]), int(item["chunk"]), int(item["first"]), item["prob"].tobytes(),
                     [(e.kind, e.frame, e.sample) for e in events], 0))
-            else:
-                plain[j] = True
+                plain[j] = False
         return plain
 
     def _queue(self, items: np.ndarray, conns: np.ndarray, queue: Callable[[bytes, bytes], None]) -> None:

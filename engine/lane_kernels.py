@@ -1,0 +1,175 @@
+"""The lane's intake as compiled loops (numba): one native call per step of a message.
+
+A frame set's intake done as numpy is ~60 calls per message, and on a busy box each costs
+~2.5 us (every wake-up finds caches that the workers' onnxruntime just used): the front-end
+then spends several microseconds per frame in call overhead, not in work. These loops do
+the same steps over every item of a message in one call each. They are compiled once
+(``cache=True`` keeps the machine code under ``__pycache__``) and ``warm_up`` loads them
+before the daemon takes clients, so no client waits on the compiler.
+
+Verdicts (``admit``): what happens to each item of a frame set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+NOT_IN_LANE = -1
+GO = 0
+LATE = 1  # shed at intake: older than its stream's shed_after_ms
+QUEUE_FULL = 2  # shed at intake: its worker's queue is full
+REFUSED = 3  # its worker's queue is full and the stream asked never to be shed
+
+
+@njit(cache=True, nogil=True)
+def lane_fits(fits: np.ndarray, slots: np.ndarray, on: np.ndarray, shape: np.ndarray, next_seq: np.ndarray,
+              expected_seq: np.ndarray, shape_key: int, limit: int, in_lane: np.ndarray) -> int:
+    """``in_lane[i]``: item i's stream is in the lane, takes this shape and has room in flight.
+    Returns how many items fit but their stream is not in the lane (it may be promoted)."""
+    outside = 0
+    for i in range(slots.shape[0]):
+        s = slots[i]
+        if not fits[i]:
+            in_lane[i] = False
+        elif not on[s]:
+            in_lane[i] = False
+            outside += 1
+        else:
+            in_lane[i] = shape[s] == shape_key and next_seq[s] - expected_seq[s] < limit
+    return outside
+
+
+@njit(cache=True, nogil=True)
+def admit(in_lane: np.ndarray, slots: np.ndarray, audio_ns: np.ndarray, ns_per_sample: np.ndarray,
+          clock_ns: np.ndarray, shed_after_ms: np.ndarray, worker: np.ndarray, room: np.ndarray, samples: int,
+          now_ns: int, drained_ns: int, fresh_ns: int, arrived: np.ndarray, verdict: np.ndarray,
+          keys: np.ndarray) -> int:
+    """Each lane item's arrival (StreamTable.arrival: its stream's audio clock moves on), and
+    its verdict; ``keys[i]`` = worker << 32 | shed_after_ms, the record a GO item goes in
+    (-1 otherwise). Returns how many go."""
+    fresh = now_ns - drained_ns <= fresh_ns
+    going = 0
+    for i in range(slots.shape[0]):
+        keys[i] = -1
+        if not in_lane[i]:
+            verdict[i] = NOT_IN_LANE
+            continue
+        s = slots[i]
+        audio = audio_ns[s] + samples * ns_per_sample[s]
+        audio_ns[s] = audio
+        if fresh:
+            clock_ns[s] = now_ns - audio
+            at = now_ns
+        else:
+            at = min(now_ns, max(drained_ns, clock_ns[s] + audio))
+        arrived[i] = at
+        shed_after = shed_after_ms[s]
+        if shed_after > 0 and now_ns - at > 1_000_000 * shed_after:
+            verdict[i] = LATE
+        elif not room[worker[s]]:
+            verdict[i] = QUEUE_FULL if shed_after > 0 else REFUSED
+        else:
+            verdict[i] = GO
+            keys[i] = worker[s] << 32 | shed_after
+            going += 1
+    return going
+
+
+@njit(cache=True, nogil=True)
+def fill_frame_set(key: int, keys: np.ndarray, slots: np.ndarray, pcm: np.ndarray, scale: float,
+                   chunk_seqs: np.ndarray, request_ids: np.ndarray, arrived: np.ndarray, now_s: float,
+                   buffers: np.ndarray, next_seq: np.ndarray, chunk_seq: np.ndarray, request_id: np.ndarray,
+                   arrived_ns: np.ndarray, fresh: np.ndarray, samples_in: np.ndarray, last_active: np.ndarray,
+                   flag_fresh: int, meta: np.ndarray, audio: np.ndarray) -> int:
+    """The items with ``keys[i] == key`` into one FRAME_SET record (``meta``: its FRAME_META
+    items as [count, 4] uint32 words, seq low and high, slot, flags; ``audio``), in
+    order: each gets its stream's next sequence number, its chunk's ids and arrival kept in
+    flight, and its model input [context | frame] (int16 scaled by ``scale``; 0: float32
+    taken as is); each stream's context moves on to its frame's end. Returns the earliest
+    arrival among them."""
+    width = audio.shape[1]
+    n_samples = pcm.shape[1]
+    context = width - n_samples
+    in_flight = chunk_seq.shape[1]
+    j = 0
+    earliest = 1 << 62
+    for i in range(slots.shape[0]):
+        if keys[i] != key:
+            continue
+        s = slots[i]
+        seq = next_seq[s]
+        next_seq[s] = seq + 1
+        k = seq % in_flight
+        chunk_seq[s, k] = chunk_seqs[i]
+        request_id[s, k] = request_ids[i]
+        arrived_ns[s, k] = arrived[i]
+        earliest = min(earliest, arrived[i])
+        meta[j, 0] = seq & 0xFFFFFFFF
+        meta[j, 1] = seq >> 32
+        meta[j, 2] = s
+        meta[j, 3] = flag_fresh if fresh[s] else 0
+        fresh[s] = False
+        samples_in[s] += n_samples
+        last_active[s] = now_s
+        row = audio[j]
+        for c in range(context):
+            row[c] = buffers[s, c]
+        if scale:
+            for c in range(n_samples):
+                row[context + c] = pcm[i, c] * scale
+        else:
+            for c in range(n_samples):
+                row[context + c] = pcm[i, c]
+        for c in range(context):
+            buffers[s, c] = row[n_samples + c]
+        j += 1
+    return earliest
+
+
+@njit(cache=True, nogil=True)
+def answer(seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray, on: np.ndarray, expected_seq: np.ndarray,
+           samples_out: np.ndarray, frame: np.ndarray, frame_base: np.ndarray, quiet_lo: np.ndarray,
+           quiet_hi: np.ndarray, quiet_until: np.ndarray, stream_id: np.ndarray, chunk_seq: np.ndarray,
+           conn: np.ndarray, arrived_ns: np.ndarray, buckets_s: np.ndarray, now_s: float, words: np.ndarray,
+           floats: np.ndarray, mine: np.ndarray, push: np.ndarray, conns: np.ndarray, item_slots: np.ndarray,
+           hist: np.ndarray) -> tuple[int, int, float]:
+    """Lane.answer's loop: each result of a lane stream that comes in order and was not shed
+    (``mine[i]``) moves its stream on and becomes reply item j (``words``/``floats``: REPLY_ITEM
+    items as [n, 7] words, ``conns[j]`` its client, ``item_slots[j]`` its slot), and
+    ``push[j]`` says whether it may move the stream's speech-event machine
+    (SpeechSegmenter.quiet). Each answered chunk's wait, arrival to now, goes into ``hist``
+    (bisect_left over ``buckets_s``). Returns (items, items to push, seconds waited)."""
+    in_flight = chunk_seq.shape[1]
+    j = pushed = 0
+    waited = 0.0
+    for i in range(seqs.shape[0]):
+        s, seq, prob = slots[i], seqs[i], probs[i]
+        if not (on[s] and expected_seq[s] == seq and prob == prob):
+            mine[i] = False
+            continue
+        mine[i] = True
+        k = seq % in_flight
+        expected_seq[s] = seq + 1
+        samples_out[s] += frame[s]
+        first = seq - frame_base[s]
+        quiet = quiet_lo[s] <= prob < quiet_hi[s] and first < quiet_until[s]
+        push[j] = not quiet
+        pushed += not quiet
+        words[j, 0] = stream_id[s]
+        words[j, 1] = chunk_seq[s, k]
+        words[j, 2] = first & 0xFFFFFFFF
+        words[j, 3] = first >> 32
+        words[j, 4] = 1
+        words[j, 5] = 0  # no events, no flags
+        floats[j, 6] = prob
+        conns[j] = conn[s]
+        item_slots[j] = s
+        wait = now_s - arrived_ns[s, k] / 1e9
+        waited += wait
+        b = 0
+        while b < buckets_s.shape[0] and buckets_s[b] < wait:
+            b += 1
+        hist[b] += 1
+        j += 1
+    return j, pushed, waited
