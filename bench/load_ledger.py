@@ -98,7 +98,15 @@ class Ledger:
                     self.timed_out_keys.add(key)
                 self.released(key >> 32)
 
+    def in_flight(self) -> int:
+        """Chunks sent and not yet answered, refused or timed out."""
+        return len(self.pending)
+
+    def next_deadline(self) -> int | None:
+        """When the oldest chunk in flight times out (monotonic ns), if any is."""
+        return self.deadlines[0][0] if self.deadlines else None
+
     def take_window(self) -> dict[str, Any]:
         """The current window's report; counting goes on in a fresh window."""
         window, self.window = self.window, WindowCounters()
-        return window.export(len(self.pending))
+        return window.export(self.in_flight())

@@ -12,6 +12,7 @@ import numpy as np
 import zmq
 
 from bench.load_audio import AudioFile, StreamAudio
+from bench.load_gateway import GatewayLedger, GatewayLink
 from bench.load_ledger import Ledger
 from bench.load_plan import FRAME_MS, LoadPlan
 from bench.load_tcp import PerFrameLink
@@ -53,7 +54,11 @@ class LoadRun:
         self.stopping = False
         self.ledger = Ledger(plan.chunk_frames, plan.timeout_ms, self._released)
         self.link: ZmqLink | PerFrameLink
-        if plan.target == "per-frame":
+        if plan.shape == "gateway" and plan.pace == "realtime" and plan.target != "per-frame":
+            self.ledger = GatewayLedger(plan.chunk_frames, plan.timeout_ms, self.n, plan.first_stream + 1,
+                                        self.period_ns)
+            self.link = GatewayLink(plan, ctx, sid, plan.streams, audio, self.ledger, self._released)
+        elif plan.target == "per-frame":
             self.link = PerFrameLink(plan, sid, audio, self.ledger, self._released)
         elif plan.shape == "device" and plan.curve is None and plan.device_link == "zmtp":
             self.link = ZmtpLink(plan, ctx, sid, plan.streams, audio, self.ledger, self._released)
@@ -113,10 +118,17 @@ class LoadRun:
             link.flush()
             next_due = 1 << 62
 
+        fast = link if isinstance(link, GatewayLink) else None
+        if fast is not None:
+            fast.schedule(order, base, period)
+
         def send_due(limit: int) -> None:
             """Every chunk due at or before ``limit`` (on the absolute schedule) goes now."""
             nonlocal idx, cycle, next_due
             if next_due > limit:
+                return
+            if fast is not None:
+                next_due = fast.send_due(limit)
                 return
             while next_due <= limit:
                 send(order[idx], cycle + 1, next_due)
@@ -157,12 +169,13 @@ class LoadRun:
         self.stopping = True
         link.flush()
         # Drain: wait for every chunk in flight, up to the time-out.
-        while ledger.pending:
+        while ledger.in_flight():
             now = time.monotonic_ns()
             ledger.expire(now)
-            if not ledger.pending:
+            if not ledger.in_flight():
                 break
-            link.poll(min(0.02, (ledger.deadlines[0][0] - now) / 1e9 if ledger.deadlines else 0.02))
+            deadline = ledger.next_deadline()
+            link.poll(0.02 if deadline is None else min(0.02, (deadline - now) / 1e9))
         self._report(report_index)
 
     def close(self, timeout: float = 10.0) -> dict[str, Any]:

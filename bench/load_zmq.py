@@ -26,7 +26,7 @@ _RESULT_SIZE = P.RESULT_ITEM.size
 _EVENT_SIZE = P.EVENT_ITEM.size
 _ERROR = P.ERROR_BODY
 _F32 = struct.Struct("<f")
-_GATEWAY_MSG_BYTES = 256 * 1024  # split a gateway tick's message above this (engine limit: 1 MiB)
+GATEWAY_MSG_BYTES = 256 * 1024  # split a gateway tick's message above this (engine limit: 1 MiB)
 _EPOLLIN = select.EPOLLIN
 # Plain ints: bit operations on pyzmq's / the protocol's enum members go through enum.__and__
 # and cost more than the rest of a frame's bookkeeping.
@@ -125,7 +125,7 @@ class ZmqLink:
             self.gateway_parts.append(pcm)
             self.gateway_bytes += _ITEM.size + len(pcm)
             self.gateway_due.append((s, seq, due))
-            if self.gateway_bytes >= _GATEWAY_MSG_BYTES:
+            if self.gateway_bytes >= GATEWAY_MSG_BYTES:
                 self.flush()
             return
         sock = self.socks[s]

@@ -106,14 +106,16 @@ def test_a_gateway_sends_one_message_per_tick(engine: DaemonProcess, fleet: Load
     assert point.lateness_p50_ms >= 0.25 * FAST.tick_ms  # waiting for the tick is part of the schedule error
 
 
-@pytest.mark.parametrize("device_link", ["zmtp", "libzmq"])
-def test_refused_frames_are_counted_lost_with_their_code(engine: DaemonProcess, fleet: LoadFleet,
+@pytest.mark.parametrize(("shape", "device_link"), [("device", "zmtp"), ("device", "libzmq"), ("gateway", "zmtp")])
+def test_refused_frames_are_counted_lost_with_their_code(engine: DaemonProcess, fleet: LoadFleet, shape: str,
                                                          device_link: str) -> None:
     # Stream 3 is scheduled like the others but never opened: the engine answers each of its
     # frames with ERROR UNKNOWN_STREAM, which must show up as refused, not as answered or missing
-    # (whether the load speaks ZMTP itself or through libzmq's DEALERs).
+    # (whether the load speaks ZMTP itself or through libzmq's DEALERs, or multiplexes its
+    # streams as a gateway, whose ledger is bench/load_gateway.py's).
     settings = dataclasses.replace(FAST, device_link=device_link)
-    point = measure_point(engine.endpoint, 2, duration_s=2.0, settings=settings, fleet=fleet, unopened_streams=1)
+    point = measure_point(engine.endpoint, 2, shape=shape, duration_s=2.0, settings=settings, fleet=fleet,
+                          unopened_streams=1)
     refused = point.refused.get("UNKNOWN_STREAM", 0)
     assert refused > 0 and set(point.refused) == {"UNKNOWN_STREAM"}
     assert point.lost == refused and point.timed_out == 0 and point.shed == 0
@@ -123,7 +125,8 @@ def test_refused_frames_are_counted_lost_with_their_code(engine: DaemonProcess, 
     assert not point.passed and any("lost" in reason for reason in point.fail_reasons)
 
 
-def test_frames_of_a_stopped_daemon_time_out(engine: DaemonProcess, fleet: LoadFleet) -> None:
+@pytest.mark.parametrize("shape", ["device", "gateway"])
+def test_frames_of_a_stopped_daemon_time_out(engine: DaemonProcess, fleet: LoadFleet, shape: str) -> None:
     settings = PointSettings(window_s=1.0, warmup_s=0.5, load_procs=1, timeout_ms=300.0)
     stopped: list[int] = []
 
@@ -136,7 +139,7 @@ def test_frames_of_a_stopped_daemon_time_out(engine: DaemonProcess, fleet: LoadF
             finally:
                 os.kill(engine.pid, signal.SIGCONT)
 
-    point = measure_point(engine.endpoint, 3, duration_s=3.0, settings=settings, fleet=fleet,
+    point = measure_point(engine.endpoint, 3, shape=shape, duration_s=3.0, settings=settings, fleet=fleet,
                           on_window=stop_daemon_once)
     assert stopped == [0]
     assert point.timed_out > 0, point
