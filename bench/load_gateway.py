@@ -105,7 +105,7 @@ class GatewayLink(ZmqLink):
         for f in files:
             starts[id(f)] = at
             at += len(f.data)
-        self.audio_bytes = np.frombuffer(b"".join(f.data for f in files), np.uint8)
+        self.pcm = np.frombuffer(b"".join(f.data for f in files), np.int16)
         self.file_start = np.array([starts[id(f)] for f in audio.file], np.int64)
         self.file_samples = np.array([f.samples for f in audio.file], np.int64)
         self.chunk_samples = np.array(audio.chunk_samples, np.int64)
@@ -113,6 +113,7 @@ class GatewayLink(ZmqLink):
         self.sids = np.array(sid, np.int64)
         self.message = bytearray(GATEWAY_MSG_BYTES + P.AUDIO_ITEM.size + 2 * int(self.chunk_samples.max()))
         self.out = np.frombuffer(self.message, np.uint8)
+        self.out16 = np.frombuffer(self.message, np.int16)
         self.out[:P.HEADER.size] = np.frombuffer(P.header(P.MsgType.AUDIO), np.uint8)
         self.tick_streams, self.tick_seqs, self.tick_due = (np.empty(n, np.int64) for _ in range(3))
         self.state = np.zeros(3, np.int64)
@@ -125,8 +126,8 @@ class GatewayLink(ZmqLink):
         first tick, which would leave a second late."""
         nothing_due = np.array([0, 0, 1 << 62], np.int64)
         kernels.build_tick(nothing_due, 0, GATEWAY_MSG_BYTES, self.order, self.base, self.period, self.sids, self.pos,
-                           self.chunk_samples, self.file_samples, self.file_start, self.audio_bytes, _INT16, self.out,
-                           P.HEADER.size, self.tick_streams, self.tick_seqs, self.tick_due)
+                           self.chunk_samples, self.file_samples, self.file_start, self.pcm, _INT16, self.out,
+                           self.out16, P.HEADER.size, self.tick_streams, self.tick_seqs, self.tick_due)
         ledger = self.gateway_ledger
         ledger.sent_tick(0, self.tick_streams, self.tick_seqs, self.tick_due, 0)
         ledger.expire(1 << 62)
@@ -144,7 +145,7 @@ class GatewayLink(ZmqLink):
         while self.state[2] <= limit:
             end, count = kernels.build_tick(self.state, limit, GATEWAY_MSG_BYTES, self.order, self.base, self.period,
                                             self.sids, self.pos, self.chunk_samples, self.file_samples,
-                                            self.file_start, self.audio_bytes, _INT16, self.out, P.HEADER.size,
+                                            self.file_start, self.pcm, _INT16, self.out, self.out16, P.HEADER.size,
                                             self.tick_streams, self.tick_seqs, self.tick_due)
             now = time.monotonic_ns()
             sock.send(memoryview(self.message)[:end], copy=True)

@@ -41,13 +41,14 @@ def _get_u32(msg: np.ndarray, at: int) -> int:
 @njit(cache=True, nogil=True)
 def build_tick(state: np.ndarray, limit: int, max_bytes: int, order: np.ndarray, base: np.ndarray, period: int,
                sid: np.ndarray, pos: np.ndarray, chunk_samples: np.ndarray, file_samples: np.ndarray,
-               file_start: np.ndarray, audio: np.ndarray, dtype: int, out: np.ndarray, at: int,
+               file_start: np.ndarray, audio: np.ndarray, dtype: int, out: np.ndarray, out16: np.ndarray, at: int,
                tick_streams: np.ndarray, tick_seqs: np.ndarray, tick_due: np.ndarray) -> tuple[int, int]:
     """Every chunk due at or before ``limit`` on the absolute schedule, appended to ``out``
     from byte ``at`` as AUDIO items, until the message would pass ``max_bytes``.
     ``state`` = [idx, cycle, next_due]: the schedule's place, moved on. ``audio``: every
-    file's int16 samples as bytes (each with a copy of its start, so no chunk wraps),
-    ``file_start[s]`` where stream s's file begins in it, ``pos[s]`` its next sample.
+    file's int16 samples (each with a copy of its start, so no chunk wraps), ``file_start[s]``
+    the byte where stream s's file begins in it, ``pos[s]`` its next sample; ``out16``:
+    ``out`` as int16 (every item starts at an even byte).
     Returns (end of the message, chunks in it); chunk j is ``tick_streams[j]`` /
     ``tick_seqs[j]``, due at ``tick_due[j]``."""
     idx, cycle, next_due = state[0], state[1], state[2]
@@ -63,8 +64,12 @@ def build_tick(state: np.ndarray, limit: int, max_bytes: int, order: np.ndarray,
         _put_u32(out, at + 4, seq)
         _put_u32(out, at + 8, dtype)
         _put_u32(out, at + 12, 2 * cs)
-        src = file_start[s] + 2 * pos[s]
-        out[at + _ITEM:at + _ITEM + 2 * cs] = audio[src:src + 2 * cs]
+        # A loop over two slices: it compiles to a vector copy (0.025 us a chunk), where a
+        # slice assignment (0.14) or a loop indexing the whole arrays (0.34) do not.
+        src, dst = file_start[s] // 2 + pos[s], (at + _ITEM) // 2
+        target, source = out16[dst:dst + cs], audio[src:src + cs]
+        for c in range(cs):
+            target[c] = source[c]
         at += _ITEM + 2 * cs
         p = pos[s] + cs
         pos[s] = p - file_samples[s] if p >= file_samples[s] else p

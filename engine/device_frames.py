@@ -76,6 +76,7 @@ class DeviceFrames:
             if key in seen:
                 repeated.add(i)
             seen.add(key)
+        samples = len(pcm) // len(messages)
         take_frames(table, Frames(identities, [h[0] for h in heads], ids, [h[2] for h in heads],
-                                  pcm.reshape(len(messages), -1), dtype, lambda i: (messages[i], _DEVICE_PCM),
+                                  pcm, samples, samples, dtype, lambda i: (messages[i], _DEVICE_PCM),
                                   frozenset(repeated)))

@@ -48,16 +48,20 @@ _HEAD_WORDS = P.AUDIO_ITEM.size // 4
 class Frames:
     """n one-frame chunks of one dtype and size, and where each came from."""
 
-    __slots__ = ("identities", "request_ids", "ids", "chunk_seqs", "pcm", "dtype", "locate", "held")
+    __slots__ = ("identities", "request_ids", "ids", "chunk_seqs", "pcm", "flat", "stride", "dtype", "locate", "held")
 
     def __init__(self, identities: list[bytes], request_ids: list[int], ids: list[int], chunk_seqs: list[int],
-                 pcm: np.ndarray, dtype: int, locate: Callable[[int], tuple[bytes, int]],
+                 flat: np.ndarray, stride: int, samples: int, dtype: int, locate: Callable[[int], tuple[bytes, int]],
                  held: frozenset[int] = frozenset()) -> None:
         self.identities = identities
         self.request_ids = request_ids
         self.ids = ids
         self.chunk_seqs = chunk_seqs
-        self.pcm = pcm  # [n, samples], the wire's dtype
+        # Item i's samples are flat[i * stride:i * stride + samples] (the wire's dtype); the
+        # compiled loops copy from the contiguous ``flat``, numpy reads the [n, samples] ``pcm``.
+        self.flat, self.stride = flat, stride
+        size = flat.itemsize
+        self.pcm = np.ndarray(((len(flat) - samples) // stride + 1, samples), flat.dtype, flat, 0, (stride * size, size))
         self.dtype = dtype
         self.locate = locate  # item i -> (message, offset of its PCM), for the item-by-item path
         self.held = held  # items that must take the item-by-item path whatever their stream's state
@@ -85,9 +89,10 @@ def take_frame_set(table: StreamTable, identity: bytes, request_id: int, msg: by
     if len(set(ids)) != n:
         return False
     np_dtype, samples = P.NUMPY_DTYPES[dtype], shape[1]
-    pcm = np.ndarray((n, samples), np_dtype, msg, base + P.AUDIO_ITEM.size, (stride, np_dtype.itemsize))
-    frames = Frames([identity] * n, [request_id] * n, ids, heads[:, 1].tolist(), pcm, dtype,
-                     lambda i: (msg, base + i * stride + P.AUDIO_ITEM.size))
+    step = stride // np_dtype.itemsize
+    flat = np.frombuffer(msg, np_dtype, (n - 1) * step + samples, base + P.AUDIO_ITEM.size)
+    frames = Frames([identity] * n, [request_id] * n, ids, heads[:, 1].tolist(), flat, step, samples, dtype,
+                    lambda i: (msg, base + i * stride + P.AUDIO_ITEM.size))
     take_frames(table, frames)
     return True
 
@@ -147,7 +152,8 @@ def _send(table: StreamTable, frames: Frames, going: int, keys: np.ndarray, slot
           arrived: np.ndarray, width: int, rate: int, now_ns: int) -> None:
     """The frames that go to the workers: one FRAME_SET record per (worker, shed deadline)."""
     lane = table.lane
-    scale = float(_INT16_SCALE) if frames.dtype == P.DType.INT16 else 0.0
+    scale = _INT16_SCALE if frames.dtype == P.DType.INT16 else np.float32(0.0)
+    samples, stride = frames.pcm.shape[1], frames.stride
     chunk_seqs = np.array(frames.chunk_seqs, np.uint32)
     request_ids = np.array(frames.request_ids, np.uint32)
     now_s = now_ns / 1e9
@@ -159,7 +165,7 @@ def _send(table: StreamTable, frames: Frames, going: int, keys: np.ndarray, slot
 
         def fill(meta: np.ndarray, audio: np.ndarray, key: int = key) -> int:
             return int(kernels.fill_frame_set(
-                key, keys, slots, frames.pcm, scale, chunk_seqs, request_ids, arrived, now_s, table.buffers,
+                key, keys, slots, frames.flat, stride, samples, scale, chunk_seqs, request_ids, arrived, now_s, table.buffers,
                 lane.next_seq, lane.chunk_seq, lane.request_id, lane.arrived_ns, lane.fresh, lane.samples_in,
                 lane.last_active, records.FLAG_FRESH, meta.view(np.uint32).reshape(-1, 4), audio))
 
@@ -240,9 +246,9 @@ def warm_up() -> None:
     for dtype in (np.dtype(np.int16), np.dtype(np.float32)):
         item = P.AUDIO_ITEM.size + samples * dtype.itemsize
         message = bytes(P.HEADER.size + n * item)
-        for pcm in (np.ndarray((n, samples), dtype, message, P.HEADER.size + P.AUDIO_ITEM.size, (item, dtype.itemsize)),
-                    np.frombuffer(message, dtype, n * samples).reshape(n, samples)):
-            kernels.fill_frame_set(0, keys, slots, pcm, 0.0, ids, ids, arrived, 0.0,
+        for flat in (np.frombuffer(message, dtype, n * samples, P.HEADER.size + P.AUDIO_ITEM.size),
+                     np.frombuffer(message, dtype, n * samples)):
+            kernels.fill_frame_set(0, keys, slots, flat, samples, samples, np.float32(0.0), ids, ids, arrived, 0.0,
                                    np.zeros((n, context + samples), np.float32), lane.next_seq, lane.chunk_seq,
                                    lane.request_id, lane.arrived_ns, lane.fresh, lane.samples_in, lane.last_active,
                                    records.FLAG_FRESH, np.zeros((n, 4), np.uint32),

@@ -312,3 +312,46 @@ def test_quiet_gate_waits_and_measures_a_noisy_failure_again(monkeypatch: pytest
     quiet_fail = replay.measure_gated(gate, lambda: PointResult("ringserve", "device", "realtime", 10, 32.0, 32.0, 1,
                                                                  1.0, passed=False, cpu={"others_pct": 3.0}))
     assert len(quiet_fail) == 1 and not quiet_fail[0].superseded
+
+
+def test_the_compiled_gateway_tick_carries_each_streams_next_audio(audio_dir: Path, tmp_path: Path) -> None:
+    # bench/load_kernels.py builds a tick's message; its items must be what the device path
+    # sends (bench/load_audio.py): each stream's id, chunk seq and next chunk of its file, the
+    # file looping, for several ticks (a 3.1 s file loops within 100 ticks of 32 ms).
+    import zmq
+
+    from bench.load_audio import StreamAudio, load_audio
+    from bench.load_gateway import GatewayLedger, GatewayLink
+    from bench.load_plan import LoadPlan
+    from transport import protocol as P
+
+    files, n, period = load_audio(audio_dir), 5, 32_000_000
+    plan = LoadPlan("ringserve", f"ipc://{tmp_path}/gw.sock", "gateway", "realtime", first_stream=10, streams=n)
+    expected = StreamAudio(files, 10, n, 1, np.random.default_rng(3))
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(plan.endpoint)
+    link = GatewayLink(plan, ctx, [11 + s for s in range(n)], n, StreamAudio(files, 10, n, 1, np.random.default_rng(3)),
+                       GatewayLedger(1, plan.timeout_ms, n, 11, period), lambda sid: None)
+    try:
+        link._connect()
+        order = [3, 0, 4, 1, 2]
+        link.schedule(order, [1000 * i for i in range(n)], period)
+        for tick in range(100):
+            assert link.send_due(tick * period + 10_000) == (tick + 1) * period
+            assert router.poll(5000)
+            _, msg = router.recv_multipart()
+            assert msg[:P.HEADER.size] == P.header(P.MsgType.AUDIO)
+            at = P.HEADER.size
+            for s in order:
+                sid, seq, dtype, nbytes = P.AUDIO_ITEM.unpack_from(msg, at)
+                at += P.AUDIO_ITEM.size
+                assert (sid, seq, dtype) == (11 + s, tick + 1, P.DType.INT16)
+                assert msg[at:at + nbytes] == expected.next_pcm(s)
+                at += nbytes
+            assert at == len(msg)
+        assert link.ledger.in_flight() == 100 * n
+    finally:
+        link.shutdown()
+        router.close(0)
+        ctx.term()
