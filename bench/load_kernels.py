@@ -14,7 +14,7 @@ is counted late rather than unexpected.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from engine.compiled import compiled
 
 from transport import protocol as P
 
@@ -25,7 +25,7 @@ _HEADER, _ITEM, _RESULT, _EVENT = P.HEADER.size, P.AUDIO_ITEM.size, P.RESULT_ITE
 _FINAL, _SHED = int(P.ResultFlag.FINAL), int(P.ResultFlag.SHED)
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _put_u32(out: np.ndarray, at: int, value: int) -> None:
     out[at] = value & 0xFF
     out[at + 1] = (value >> 8) & 0xFF
@@ -33,12 +33,12 @@ def _put_u32(out: np.ndarray, at: int, value: int) -> None:
     out[at + 3] = (value >> 24) & 0xFF
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _get_u32(msg: np.ndarray, at: int) -> int:
     return int(msg[at]) | int(msg[at + 1]) << 8 | int(msg[at + 2]) << 16 | int(msg[at + 3]) << 24
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def build_tick(state: np.ndarray, limit: int, max_bytes: int, order: np.ndarray, base: np.ndarray, period: int,
                sid: np.ndarray, pos: np.ndarray, chunk_samples: np.ndarray, file_samples: np.ndarray,
                file_start: np.ndarray, audio: np.ndarray, dtype: int, out: np.ndarray, out16: np.ndarray, at: int,
@@ -84,7 +84,7 @@ def build_tick(state: np.ndarray, limit: int, max_bytes: int, order: np.ndarray,
     return at, count
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def mark_sent(count: int, tick_streams: np.ndarray, tick_seqs: np.ndarray, tick_due: np.ndarray, now: int,
               pending: np.ndarray, sent_ns: np.ndarray, lateness: np.ndarray) -> None:
     """The tick's chunks left at ``now``: in flight from now; ``lateness[j]``: ms behind schedule."""
@@ -96,7 +96,7 @@ def mark_sent(count: int, tick_streams: np.ndarray, tick_seqs: np.ndarray, tick_
         lateness[j] = (now - tick_due[j]) * 1e-6
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def expire(count: int, tick_streams: np.ndarray, tick_seqs: np.ndarray, pending: np.ndarray) -> int:
     """A tick's chunks whose time-out has passed: those still in flight are timed out
     (marked -seq). Returns how many."""
@@ -110,7 +110,7 @@ def expire(count: int, tick_streams: np.ndarray, tick_seqs: np.ndarray, pending:
     return timed_out
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def take_results(msg: np.ndarray, now: int, first_sid: int, timeout_ns: int, pending: np.ndarray,
                  sent_ns: np.ndarray, latency: np.ndarray, counts: np.ndarray) -> int:
     """A RESULTS message's items (after its header) against the chunks in flight:

@@ -13,7 +13,7 @@ Verdicts (``admit``): what happens to each item of a frame set.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from engine.compiled import compiled
 
 NOT_IN_LANE = -1
 GO = 0
@@ -22,7 +22,7 @@ QUEUE_FULL = 2  # shed at intake: its worker's queue is full
 REFUSED = 3  # its worker's queue is full and the stream asked never to be shed
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def lane_fits(fits: np.ndarray, slots: np.ndarray, on: np.ndarray, shape: np.ndarray, next_seq: np.ndarray,
               expected_seq: np.ndarray, shape_key: int, limit: int, in_lane: np.ndarray) -> int:
     """``in_lane[i]``: item i's stream is in the lane, takes this shape and has room in flight.
@@ -40,7 +40,7 @@ def lane_fits(fits: np.ndarray, slots: np.ndarray, on: np.ndarray, shape: np.nda
     return outside
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def admit(in_lane: np.ndarray, slots: np.ndarray, audio_ns: np.ndarray, ns_per_sample: np.ndarray,
           clock_ns: np.ndarray, shed_after_ms: np.ndarray, worker: np.ndarray, room: np.ndarray, samples: int,
           now_ns: int, drained_ns: int, fresh_ns: int, arrived: np.ndarray, verdict: np.ndarray,
@@ -76,7 +76,7 @@ def admit(in_lane: np.ndarray, slots: np.ndarray, audio_ns: np.ndarray, ns_per_s
     return going
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def fill_frame_set(key: int, keys: np.ndarray, slots: np.ndarray, flat: np.ndarray, stride: int, n_samples: int,
                    scale: np.float32,
                    chunk_seqs: np.ndarray, request_ids: np.ndarray, arrived: np.ndarray, now_s: float,
@@ -130,7 +130,7 @@ def fill_frame_set(key: int, keys: np.ndarray, slots: np.ndarray, flat: np.ndarr
     return earliest
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def answer(seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray, on: np.ndarray, expected_seq: np.ndarray,
            samples_out: np.ndarray, frame: np.ndarray, frame_base: np.ndarray, quiet_lo: np.ndarray,
            quiet_hi: np.ndarray, quiet_until: np.ndarray, stream_id: np.ndarray, chunk_seq: np.ndarray,
