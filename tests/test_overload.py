@@ -457,6 +457,62 @@ def test_frames_queued_behind_a_flood_are_shed_at_intake() -> None:
     assert float(np.median([latency for _, latency in after_burst])) < 0.05, after_burst
 
 
+
+def test_a_full_worker_queue_sheds_or_refuses_a_gateways_frames() -> None:
+    """A gateway floods one slow worker (one frame per model call) with frame sets until its
+    ring and backlog are full: frames of streams that may be shed are shed at intake (NaN,
+    SHED), frames of streams that asked never to be shed are refused (ERROR OVERLOADED); every
+    chunk gets exactly one answer, each stream's in order, and the counters say how many."""
+    streams, messages = 128, 60
+    daemon = spawn_daemon("--workers", "1", "--max-batch", "1", "--ring-mib", "1", "--shed-after-ms", "60000",
+                          "--max-streams-per-connection", "1024")
+    try:
+        with Client(daemon.endpoint, timeout=10) as admin:
+            before = admin.stats()
+        sock = _socket(daemon.endpoint)
+        _open(sock, 1, streams // 2, {})
+        _open(sock, 1 + streams // 2, streams // 2, {"shed_after_ms": 0})
+        pcm = (np.random.default_rng(2).standard_normal(512) * 2000).astype("<i2").tobytes()
+        for m in range(messages):
+            sock.send(P.encode_audio(m, [(sid, m + 1, DType.INT16, pcm) for sid in range(1, streams + 1)]))
+        answers: dict[int, list[tuple[int, str]]] = {sid: [] for sid in range(1, streams + 1)}
+        deadline = time.monotonic() + 120
+        while sum(map(len, answers.values())) < streams * messages:
+            assert time.monotonic() < deadline, f"{sum(map(len, answers.values()))} of {streams * messages} answered"
+            if not sock.poll(1000):
+                continue
+            msg = sock.recv()
+            if P.parse_header(msg)[0] == MsgType.ERROR:
+                error = P.decode_error(msg)
+                assert error.code == P.ErrorCode.OVERLOADED and error.stream_id > streams // 2, error
+                answers[error.stream_id].append((error.chunk_seq, "refused"))
+                continue
+            for stream_id, chunk_seq, flags, probs in _items(msg):
+                assert len(probs) == 1 and bool(np.isnan(probs[0])) == bool(flags & P.ResultFlag.SHED)
+                answers[stream_id].append((chunk_seq, "shed" if flags & P.ResultFlag.SHED else "run"))
+        sock.close(0)
+        with Client(daemon.endpoint, timeout=10) as admin:
+            after = admin.stats()
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+    def delta(name: str) -> int:
+        return int(after["counters"].get(name, 0) - before["counters"].get(name, 0))
+
+    outcomes = [outcome for sid in answers for _, outcome in answers[sid]]
+    shed, refused = outcomes.count("shed"), outcomes.count("refused")
+    print(f"{streams * messages} frames: {outcomes.count('run')} run, {shed} shed at intake, {refused} refused")
+    for sid, got in answers.items():
+        # One answer per chunk; results in order (an ERROR goes out at once, ahead of results)
+        assert sorted(chunk for chunk, _ in got) == list(range(1, messages + 1)), (sid, got)
+        results = [chunk for chunk, outcome in got if outcome != "refused"]
+        assert results == sorted(results), (sid, got)
+    assert shed > 0 and refused > 0, "the worker's queue never filled"
+    assert all(outcome != "shed" for sid in answers if sid > streams // 2 for _, outcome in answers[sid])
+    assert delta("frames_shed_queue_full") == shed == delta("frames_shed_at_intake")
+    assert delta("frames_refused_overloaded") == refused
+
+
 if __name__ == "__main__":
     task, kwargs, out_path = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     tasks: dict[str, Callable[..., dict[str, Any]]] = {"measure_capacity": measure_capacity, "paced_load": paced_load}
