@@ -15,7 +15,7 @@ import zmq
 
 from bench import load_kernels as kernels
 from bench.load_audio import StreamAudio
-from bench.load_ledger import Ledger
+from bench.load_ledger import MAX_TIMED_OUT_KEYS, Ledger
 from bench.load_plan import LoadPlan
 from bench.load_zmq import GATEWAY_MSG_BYTES, ZmqLink
 from transport import protocol as P
@@ -24,13 +24,13 @@ _RESULTS, _INT16 = int(P.MsgType.RESULTS), int(P.DType.INT16)
 
 
 class GatewayLedger(Ledger):
-    """Chunk ``seq`` of stream index s in flight: ``pending[s, seq % w] == seq`` (see
-    bench/load_kernels.py); time-outs are checked per tick's message."""
+    """Chunk ``seq`` of stream index s in flight: ``chunks[s, seq % w] == seq`` (see
+    bench/load_kernels.py); time-outs are checked per tick's message. ``timed_out_keys`` holds
+    stream index << 32 | seq (the Ledger's hold stream id << 32 | seq)."""
 
     def __init__(self, chunk_frames: int, timeout_ms: float, streams: int, first_sid: int, period_ns: int) -> None:
         super().__init__(chunk_frames, timeout_ms, lambda sid: None)
-        # Room for every chunk a stream can have in flight before its time-out, twice over, so
-        # a timed-out chunk's mark outlives it and its reply is counted late.
+        # Room for every chunk a stream can have in flight before its time-out (twice over).
         w = 2 * (self.timeout_ns // period_ns + 2)
         self.chunks = np.zeros((streams, w), np.int64)
         self.sent_ns = np.zeros((streams, w), np.int64)
@@ -38,8 +38,10 @@ class GatewayLedger(Ledger):
         self.ticks: deque[tuple[int, np.ndarray, np.ndarray]] = deque()  # (deadline, streams, seqs)
         self.flying = 0
         self._lateness = np.empty(streams, np.float32)
-        self._latency = np.empty(streams * w, np.float32)
+        self._latency = np.empty(streams, np.float32)
+        self._unmatched = np.empty((streams, 2), np.int64)
         self._counts = np.zeros(kernels.LATENCIES + 1, np.int64)
+        self._timed_out = np.empty(streams, np.int64)
 
     def sent_tick(self, count: int, streams: np.ndarray, seqs: np.ndarray, due: np.ndarray, now: int) -> None:
         kernels.mark_sent(count, streams, seqs, due, now, self.chunks, self.sent_ns, self._lateness)
@@ -52,21 +54,31 @@ class GatewayLedger(Ledger):
         """A RESULTS message: its items counted; returns how many streams it closed (FINAL)."""
         counts = self._counts
         counts[:] = 0
+        items = len(msg) // (P.RESULT_ITEM.size + 4)  # the most this message can hold
+        if items > len(self._latency):  # the loops write without bounds checks
+            self._latency = np.empty(items, np.float32)
+            self._unmatched = np.empty((items, 2), np.int64)
         answered = kernels.take_results(np.frombuffer(msg, np.uint8), now, self.first_sid, self.timeout_ns,
-                                        self.chunks, self.sent_ns, self._latency, counts)
-        answered_frames, shed, timed_out, late, unexpected, final, latencies = counts.tolist()
+                                        self.chunks, self.sent_ns, self._latency, counts, self._unmatched)
+        answered_frames, shed, timed_out, late, unmatched, final, latencies = counts.tolist()
         window = self.window
         window.answered += answered_frames
         window.shed += shed
         window.timed_out += timed_out
         window.late += late
-        window.unexpected += unexpected
+        for key, frames in self._unmatched[:unmatched].tolist():
+            if key in self.timed_out_keys:  # a chunk given up on: its reply came after all
+                self.timed_out_keys.discard(key)
+                window.late += frames
+            else:
+                window.unexpected += 1
         if latencies:
             window.lat.frombytes(self._latency[:latencies].tobytes())
         self.flying -= answered + timed_out // self.chunk_frames
         return final
 
     def refuse(self, key: int, name: str) -> bool:
+        """As Ledger.refuse (``key``: stream id << 32 | seq)."""
         s, seq = (key >> 32) - self.first_sid, key & 0xFFFFFFFF
         w = self.chunks.shape[1]
         if 0 <= s < len(self.chunks) and seq and self.chunks[s, seq % w] == seq:
@@ -81,9 +93,12 @@ class GatewayLedger(Ledger):
         ticks = self.ticks
         while ticks and ticks[0][0] <= now:
             _, streams, seqs = ticks.popleft()
-            timed_out = kernels.expire(len(streams), streams, seqs, self.chunks)
-            self.window.timed_out += timed_out * self.chunk_frames
-            self.flying -= timed_out
+            timed_out = kernels.expire(len(streams), streams, seqs, self.chunks, self._timed_out)
+            if timed_out:
+                self.window.timed_out += timed_out * self.chunk_frames
+                self.flying -= timed_out
+                if len(self.timed_out_keys) < MAX_TIMED_OUT_KEYS:
+                    self.timed_out_keys.update(self._timed_out[:timed_out].tolist())
 
     def in_flight(self) -> int:
         return self.flying

@@ -7,8 +7,8 @@ append each way) it cost ~5.5 us per frame; numpy per tick does not help, its ca
 more on every cold wake-up than the bytecode they replace (docs/benchmarks.md, run 12).
 
 In flight, chunk ``seq`` of stream ``s`` is ``pending[s, seq % W] == seq`` and its send time
-``sent_ns[s, seq % W]``; a timed-out chunk is marked ``-seq``, so that its reply, if it comes,
-is counted late rather than unexpected.
+``sent_ns[s, seq % W]``. A reply that matches no chunk in flight is handed back to the caller,
+which knows the chunks that timed out (a reply may come any time after): late, or unexpected.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from engine.compiled import compiled
 
 from transport import protocol as P
 
-# RESULTS counters (``counts``): what one message's items did.
+# RESULTS counters (``counts``): what one message's items did (UNEXPECTED: items unmatched).
 ANSWERED, SHED, TIMED_OUT, LATE, UNEXPECTED, FINAL, LATENCIES = range(7)
 # The wire's sizes and flags, as plain ints: numba takes module globals as constants.
 _HEADER, _ITEM, _RESULT, _EVENT = P.HEADER.size, P.AUDIO_ITEM.size, P.RESULT_ITEM.size, P.EVENT_ITEM.size
@@ -49,16 +49,16 @@ def build_tick(state: np.ndarray, limit: int, max_bytes: int, order: np.ndarray,
     file's int16 samples (each with a copy of its start, so no chunk wraps), ``file_start[s]``
     the byte where stream s's file begins in it, ``pos[s]`` its next sample; ``out16``:
     ``out`` as int16 (every item starts at an even byte).
-    Returns (end of the message, chunks in it); chunk j is ``tick_streams[j]`` /
-    ``tick_seqs[j]``, due at ``tick_due[j]``."""
+    Returns (end of the message, chunks in it, at most ``len(tick_streams)``); chunk j is
+    ``tick_streams[j]`` / ``tick_seqs[j]``, due at ``tick_due[j]``."""
     idx, cycle, next_due = state[0], state[1], state[2]
     n = order.shape[0]
     count = 0
     while next_due <= limit:
         s = order[idx]
         cs = chunk_samples[s]
-        if at + _ITEM + 2 * cs > max_bytes and count:
-            break
+        if count and (at + _ITEM + 2 * cs > max_bytes or count == tick_streams.shape[0]):
+            break  # the rest in the next message (a stalled process may owe several chunks a stream)
         seq = cycle + 1
         _put_u32(out, at, sid[s])
         _put_u32(out, at + 4, seq)
@@ -97,26 +97,30 @@ def mark_sent(count: int, tick_streams: np.ndarray, tick_seqs: np.ndarray, tick_
 
 
 @compiled
-def expire(count: int, tick_streams: np.ndarray, tick_seqs: np.ndarray, pending: np.ndarray) -> int:
-    """A tick's chunks whose time-out has passed: those still in flight are timed out
-    (marked -seq). Returns how many."""
+def expire(count: int, tick_streams: np.ndarray, tick_seqs: np.ndarray, pending: np.ndarray,
+           timed_out: np.ndarray) -> int:
+    """A tick's chunks whose time-out has passed: those still in flight are no longer, and
+    their keys (stream << 32 | seq, stream as an index) go into ``timed_out``. Returns how many."""
     w = pending.shape[1]
-    timed_out = 0
+    n = 0
     for j in range(count):
         s, seq = tick_streams[j], tick_seqs[j]
         if pending[s, seq % w] == seq:
-            pending[s, seq % w] = -seq
-            timed_out += 1
-    return timed_out
+            pending[s, seq % w] = 0
+            timed_out[n] = s << 32 | seq
+            n += 1
+    return n
 
 
 @compiled
 def take_results(msg: np.ndarray, now: int, first_sid: int, timeout_ns: int, pending: np.ndarray,
-                 sent_ns: np.ndarray, latency: np.ndarray, counts: np.ndarray) -> int:
+                 sent_ns: np.ndarray, latency: np.ndarray, counts: np.ndarray, unmatched: np.ndarray) -> int:
     """A RESULTS message's items (after its header) against the chunks in flight:
-    ``counts`` += what they did (ANSWERED, SHED and TIMED_OUT/LATE in frames, UNEXPECTED in
-    items, FINAL in streams closed); each answered chunk's latency (ms) into ``latency`` from
-    ``counts[LATENCIES]`` on. Returns the number of chunks answered."""
+    ``counts`` += what they did (ANSWERED, SHED and TIMED_OUT/LATE in frames, FINAL in streams
+    closed); each answered chunk's latency (ms) into ``latency`` from ``counts[LATENCIES]`` on;
+    an item matching no chunk in flight goes into ``unmatched`` as (key, frames) from
+    ``counts[UNEXPECTED]`` on (key: stream << 32 | seq, stream as an index, -1 if none of ours).
+    Returns the number of chunks answered."""
     n_streams, w = pending.shape
     at, end = _HEADER, msg.shape[0]
     answered = 0
@@ -131,11 +135,10 @@ def take_results(msg: np.ndarray, now: int, first_sid: int, timeout_ns: int, pen
             counts[FINAL] += 1
             continue
         s = stream_id - first_sid
-        state = pending[s, seq % w] if 0 <= s < n_streams else 0
-        if state == -seq and seq:
-            pending[s, seq % w] = 0
-            counts[LATE] += n_frames
-        elif state != seq or not seq:
+        ours = 0 <= s < n_streams
+        if not ours or not seq or pending[s, seq % w] != seq:
+            unmatched[counts[UNEXPECTED], 0] = s << 32 | seq if ours else -1
+            unmatched[counts[UNEXPECTED], 1] = n_frames
             counts[UNEXPECTED] += 1
         elif now - sent_ns[s, seq % w] > timeout_ns:  # came after its time-out, before expire() noticed
             pending[s, seq % w] = 0

@@ -12,7 +12,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
-_MAX_TIMED_OUT_KEYS = 1_000_000
+MAX_TIMED_OUT_KEYS = 1_000_000
 
 
 class WindowCounters:
@@ -94,7 +94,7 @@ class Ledger:
             _, key = deadlines.popleft()
             if pending.pop(key, None) is not None:
                 self.window.timed_out += self.chunk_frames
-                if len(self.timed_out_keys) < _MAX_TIMED_OUT_KEYS:
+                if len(self.timed_out_keys) < MAX_TIMED_OUT_KEYS:
                     self.timed_out_keys.add(key)
                 self.released(key >> 32)
 

@@ -317,7 +317,8 @@ def test_quiet_gate_waits_and_measures_a_noisy_failure_again(monkeypatch: pytest
 def test_the_compiled_gateway_tick_carries_each_streams_next_audio(audio_dir: Path, tmp_path: Path) -> None:
     # bench/load_kernels.py builds a tick's message; its items must be what the device path
     # sends (bench/load_audio.py): each stream's id, chunk seq and next chunk of its file, the
-    # file looping, for several ticks (a 3.1 s file loops within 100 ticks of 32 ms).
+    # file looping, for several ticks (a 3.1 s file loops within 100 ticks of 32 ms), and no
+    # message holding more chunks than there are streams.
     import zmq
 
     from bench.load_audio import StreamAudio, load_audio
@@ -337,8 +338,11 @@ def test_the_compiled_gateway_tick_carries_each_streams_next_audio(audio_dir: Pa
         link._connect()
         order = [3, 0, 4, 1, 2]
         link.schedule(order, [1000 * i for i in range(n)], period)
-        for tick in range(100):
-            assert link.send_due(tick * period + 10_000) == (tick + 1) * period
+        for tick in range(104):
+            if tick < 100:
+                assert link.send_due(tick * period + 10_000) == (tick + 1) * period
+            elif tick == 100:  # a stalled sender owes four chunks a stream: four messages
+                assert link.send_due(103 * period + 10_000) == 104 * period
             assert router.poll(5000)
             _, msg = router.recv_multipart()
             assert msg[:P.HEADER.size] == P.header(P.MsgType.AUDIO)
@@ -350,7 +354,8 @@ def test_the_compiled_gateway_tick_carries_each_streams_next_audio(audio_dir: Pa
                 assert msg[at:at + nbytes] == expected.next_pcm(s)
                 at += nbytes
             assert at == len(msg)
-        assert link.ledger.in_flight() == 100 * n
+        assert not router.poll(100)
+        assert link.ledger.in_flight() == 104 * n
     finally:
         link.shutdown()
         router.close(0)
