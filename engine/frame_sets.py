@@ -60,8 +60,8 @@ class Frames:
         # Item i's samples are flat[i * stride:i * stride + samples] (the wire's dtype); the
         # compiled loops copy from the contiguous ``flat``, numpy reads the [n, samples] ``pcm``.
         self.flat, self.stride = flat, stride
-        size = flat.itemsize
-        self.pcm = np.ndarray(((len(flat) - samples) // stride + 1, samples), flat.dtype, flat, 0, (stride * size, size))
+        size, n = flat.itemsize, (len(flat) - samples) // stride + 1
+        self.pcm = np.ndarray((n, samples), flat.dtype, flat, 0, (stride * size, size))
         self.dtype = dtype
         self.locate = locate  # item i -> (message, offset of its PCM), for the item-by-item path
         self.held = held  # items that must take the item-by-item path whatever their stream's state
@@ -165,9 +165,9 @@ def _send(table: StreamTable, frames: Frames, going: int, keys: np.ndarray, slot
 
         def fill(meta: np.ndarray, audio: np.ndarray, key: int = key) -> int:
             return int(kernels.fill_frame_set(
-                key, keys, slots, frames.flat, stride, samples, scale, chunk_seqs, request_ids, arrived, now_s, table.buffers,
-                lane.next_seq, lane.chunk_seq, lane.request_id, lane.arrived_ns, lane.fresh, lane.samples_in,
-                lane.last_active, records.FLAG_FRESH, meta.view(np.uint32).reshape(-1, 4), audio))
+                key, keys, slots, frames.flat, stride, samples, scale, chunk_seqs, request_ids, arrived, now_s,
+                table.buffers, lane.next_seq, lane.chunk_seq, lane.request_id, lane.arrived_ns, lane.fresh,
+                lane.samples_in, lane.last_active, records.FLAG_FRESH, meta.view(np.uint32).reshape(-1, 4), audio))
 
         out.write_frame_set(key >> 32, count, width, rate, key & 0xFFFFFFFF, fill)
     table.counters["frames_in"] += going
@@ -186,7 +186,8 @@ def _turned_away(table: StreamTable, frames: Frames, slots: np.ndarray, verdict:
         if verdict[i] == kernels.REFUSED:
             table.counters["frames_refused_overloaded"] += 1
             table.error(frames.identities[i], frames.request_ids[i], frames.ids[i], frames.chunk_seqs[i],
-                        ErrorCode.OVERLOADED, "the engine is overloaded: this chunk was not used; retry later, or add workers")
+                        ErrorCode.OVERLOADED,
+                        "the engine is overloaded: this chunk was not used; retry later, or add workers")
             continue
         if verdict[i] == kernels.QUEUE_FULL:
             table.counters["frames_shed_queue_full"] += 1

@@ -83,12 +83,12 @@ def fill_frame_set(key: int, keys: np.ndarray, slots: np.ndarray, flat: np.ndarr
                    buffers: np.ndarray, next_seq: np.ndarray, chunk_seq: np.ndarray, request_id: np.ndarray,
                    arrived_ns: np.ndarray, fresh: np.ndarray, samples_in: np.ndarray, last_active: np.ndarray,
                    flag_fresh: int, meta: np.ndarray, audio: np.ndarray) -> int:
-    """The items with ``keys[i] == key`` into one FRAME_SET record (``meta``: its FRAME_META
-    items as [count, 4] uint32 words, seq low and high, slot, flags; ``audio``), in
-    order (item i's samples: ``flat[i * stride:][:n_samples]``): each gets its stream's next sequence number, its chunk's ids and arrival kept in
-    flight, and its model input [context | frame] (int16 scaled by ``scale``; 0: float32
-    taken as is); each stream's context moves on to its frame's end. Returns the earliest
-    arrival among them."""
+    """The items with ``keys[i] == key`` into one FRAME_SET record, in order (``meta``: its
+    FRAME_META items as [count, 4] uint32 words: seq low and high, slot, flags; ``audio``: the
+    model inputs). Item i's samples are ``flat[i * stride:][:n_samples]``. Each item gets its
+    stream's next sequence number, its chunk's ids and arrival kept in flight, and its model
+    input [context | frame] (int16 scaled by ``scale``; 0: float32 taken as is); each stream's
+    context moves on to its frame's end. Returns the earliest arrival among them."""
     context = audio.shape[1] - n_samples
     in_flight = chunk_seq.shape[1]
     j = 0
