@@ -77,6 +77,11 @@ def _open(sock: zmq.Socket[bytes], first_id: int, count: int, params: dict[str, 
         assert P.parse_header(sock.recv())[0] == MsgType.OPENED
 
 
+def _counter_delta(before: dict[str, Any], after: dict[str, Any], name: str) -> int:
+    """How much a front-end counter grew between two STATS replies."""
+    return int(after["counters"].get(name, 0) - before["counters"].get(name, 0))
+
+
 def _items(msg: bytes) -> list[tuple[int, int, int, np.ndarray]]:
     """(stream_id, chunk_seq, flags, probabilities) per RESULTS item, flags included."""
     out, offset = [], P.HEADER.size
@@ -433,9 +438,6 @@ def test_frames_queued_behind_a_flood_are_shed_at_intake() -> None:
     finally:
         assert daemon.stop() == 0, daemon.log()
 
-    def delta(name: str) -> int:
-        return int(after["counters"].get(name, 0) - before["counters"].get(name, 0))
-
     shed = sorted(chunk for chunk, (was_shed, _) in outcome.items() if was_shed)
     late = [round(latency, 3) for was_shed, latency in outcome.values() if not was_shed and latency > 0.1]
     print(f"burst answered {burst_done_at - burst_at:.2f} s after it was sent; "
@@ -443,8 +445,9 @@ def test_frames_queued_behind_a_flood_are_shed_at_intake() -> None:
           f"answered ones over 100 ms: {late}")
     assert len(outcome) == seq, "a paced frame got no answer"
     assert len(shed) >= 3, "the burst did not hold the front-end past the deadline"
-    assert delta("frames_shed") == len(shed)
-    at_intake, in_worker = delta("frames_shed_at_intake"), delta("frames_shed_in_worker")
+    assert _counter_delta(before, after, "frames_shed") == len(shed)
+    at_intake = _counter_delta(before, after, "frames_shed_at_intake")
+    in_worker = _counter_delta(before, after, "frames_shed_in_worker")
     assert at_intake + in_worker == len(shed) and at_intake >= 3 and in_worker <= 2, (at_intake, in_worker)
     assert sum(w["shed_frames"] for w in after["workers"]) - sum(w["shed_frames"] for w in before["workers"]) == in_worker
     # The shed frames are those sent early in the burst (they waited longest), one run of them;
@@ -496,9 +499,6 @@ def test_a_full_worker_queue_sheds_or_refuses_a_gateways_frames() -> None:
     finally:
         assert daemon.stop() == 0, daemon.log()
 
-    def delta(name: str) -> int:
-        return int(after["counters"].get(name, 0) - before["counters"].get(name, 0))
-
     outcomes = [outcome for sid in answers for _, outcome in answers[sid]]
     shed, refused = outcomes.count("shed"), outcomes.count("refused")
     print(f"{streams * messages} frames: {outcomes.count('run')} run, {shed} shed at intake, {refused} refused")
@@ -509,8 +509,9 @@ def test_a_full_worker_queue_sheds_or_refuses_a_gateways_frames() -> None:
         assert results == sorted(results), (sid, got)
     assert shed > 0 and refused > 0, "the worker's queue never filled"
     assert all(outcome != "shed" for sid in answers if sid > streams // 2 for _, outcome in answers[sid])
-    assert delta("frames_shed_queue_full") == shed == delta("frames_shed_at_intake")
-    assert delta("frames_refused_overloaded") == refused
+    assert _counter_delta(before, after, "frames_shed_queue_full") == shed
+    assert _counter_delta(before, after, "frames_shed_at_intake") == shed
+    assert _counter_delta(before, after, "frames_refused_overloaded") == refused
 
 
 if __name__ == "__main__":
