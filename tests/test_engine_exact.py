@@ -84,6 +84,22 @@ def test_8khz_streams_bit_exact(engine: DaemonProcess) -> None:
         print(f"8 kHz: max |diff| = {worst:.3g}")
 
 
+def test_8khz_and_16khz_streams_mixed_bit_exact(engine: DaemonProcess) -> None:
+    """Streams of both rates on every worker at once: each batch holds one rate (the inputs
+    differ in width), and no stream's frames may pass one another across those batches."""
+    clips16 = [c for c in speech_clips() if c.rate == 16000][:3]
+    clips8 = [resample_to_8k(c) for c in clips16]
+    rng = np.random.default_rng(816)
+    with Client(engine.endpoint, timeout=60) as client:
+        # Opened 8, 8, 16, 16, 8, 16 kHz: with streams dealt to the least-loaded worker in
+        # turn, each of two workers gets both rates.
+        order = [(8000, clips8[0]), (8000, clips8[1]), (16000, clips16[0]), (16000, clips16[1]),
+                 (8000, clips8[2]), (16000, clips16[2])]
+        streams = [(client.open_stream(rate, "int16"), clip, "int16") for rate, clip in order]
+        worst = check_exact(streams, drive(streams, rng))
+        print(f"8 and 16 kHz mixed: max |diff| = {worst:.3g}")
+
+
 def test_interleaved_equals_alone(engine: DaemonProcess) -> None:
     clips = [c for c in speech_clips() if c.rate == 16000]
     target = clips[0]

@@ -139,6 +139,13 @@ class Ring:
         self.cursor = end
         return self.data[pos + 8:pos + 8 + length], end
 
+    def readable_until(self) -> int:
+        """The producer's position: every record between ``cursor`` and it may be read (for a
+        consumer that parses records itself and then sets ``cursor``)."""
+        head = int(self._words[_HEAD])
+        _publish_fence()
+        return head
+
     def release(self, position: int) -> None:
         """Give back all space before ``position`` (a value returned by next_record)."""
         _publish_fence()  # the record reads must not pass this store (arm reorders load->store)
