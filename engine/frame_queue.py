@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine import worker_kernels as K
+from engine.stats import BUCKETS_US
 from transport import records
 
 _NEVER = 1 << 62  # the due time of a frame that may not be shed
@@ -72,13 +73,15 @@ class FrameQueue:
                                       self.max_batch, now_ns, self.run, self.stale)
         return n_run, n_stale, rate
 
-    def gather(self, n: int, width: int, started_ns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The first ``n`` of ``run``: (model inputs, states, microseconds each queued)."""
+    def gather(self, n: int, width: int, started_ns: int,
+               queue_hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """The first ``n`` of ``run``: (model inputs, states, microseconds they queued in all);
+        each one's wait counted in ``queue_hist`` (engine/stats.py's buckets)."""
         audio = np.empty((n, width), np.float32)
         state = np.empty((n, self.states.shape[2]), np.float32)
-        queue_us = np.empty(n, np.float64)
-        K.gather(self._f32, self.run, self.states, self._recs, started_ns, audio, state, queue_us)
-        return audio, state, queue_us
+        queued_us = K.gather(self._f32, self.run, self.states, self._recs, started_ns, audio, state, BUCKETS_US,
+                             queue_hist.view(np.int64))
+        return audio, state, queued_us
 
     def put_results(self, new_state: np.ndarray, probs: np.ndarray, out: np.ndarray) -> None:
         """The run frames' new states and results (``out``: a RESULTS record's items)."""
@@ -125,7 +128,7 @@ def warm_up(frame_ns_by_rate: dict[int, int], input_samples: dict[int, int], sta
     queue.take(0, position)
     out = np.zeros(1, records.RESULT)
     n_run, _, rate = queue.pick(0)  # not yet due: run
-    audio, state, _ = queue.gather(n_run, input_samples[rate], 0)
+    audio, state, _ = queue.gather(n_run, input_samples[rate], 0, np.zeros(len(BUCKETS_US) + 1, np.uint64))
     queue.put_results(state, audio[:, 0], out)
     queue.finish(queue.run[:n_run])
     _, n_stale, _ = queue.pick(_NEVER)  # overdue: shed

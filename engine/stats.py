@@ -8,6 +8,7 @@ monitoring and keeps locks off the hot path.
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 BUCKETS_US = np.array([50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 1000000],
                       dtype=np.float64)
 N_BUCKETS = len(BUCKETS_US) + 1
+_BOUNDS_US = BUCKETS_US.tolist()
 
 # Word indexes. DELAY_US is a gauge: the batching wait the worker uses now (worker.py gather).
 FRAMES, EXECUTIONS, COMPUTE_NS, QUEUE_NS, BUSY_NS, REPLAYED, STARTED_NS, SHED, DELAY_US = range(9)
@@ -34,14 +36,15 @@ class WorkerStats:
         """Drop the views into shared memory so the segment can be unmapped."""
         del self.counters, self.queue_hist, self.compute_hist
 
-    def record_batch(self, frames: int, compute_ns: int, queue_us: np.ndarray) -> None:
+    def record_batch(self, frames: int, compute_ns: int, queued_us: float) -> None:
+        """One batch: its frames, its time, and how long its frames queued in all (their
+        waits are already in ``queue_hist``: engine/frame_queue.py counts them as it gathers)."""
         c = self.counters
         c[FRAMES] += frames
         c[EXECUTIONS] += 1
         c[COMPUTE_NS] += compute_ns
-        c[QUEUE_NS] += int(queue_us.sum() * 1000)
-        np.add.at(self.queue_hist, np.searchsorted(BUCKETS_US, queue_us), 1)
-        self.compute_hist[np.searchsorted(BUCKETS_US, compute_ns / 1000)] += 1
+        c[QUEUE_NS] += int(queued_us * 1000)
+        self.compute_hist[bisect.bisect_left(_BOUNDS_US, compute_ns / 1000)] += 1
 
     def snapshot(self) -> dict[str, Any]:
         c = [int(v) for v in self.counters]

@@ -115,11 +115,11 @@ class Worker:
     def _execute(self, n: int, rate: int) -> None:
         started = time.monotonic_ns()
         width = self.model.frame_samples(rate) + self.model.context_samples(rate)
-        audio, state, queue_us = self.queue.gather(n, width, started)
+        audio, state, queued_us = self.queue.gather(n, width, started, self.stats.queue_hist)
         probs, new_state = self.model.run(audio, state, rate)
         self.queue.put_results(new_state, probs, self._reserve_results(n))
         self._publish(self.queue.run[:n])
-        self.stats.record_batch(n, time.monotonic_ns() - started, queue_us)
+        self.stats.record_batch(n, time.monotonic_ns() - started, queued_us)
 
     def _reserve_results(self, n: int) -> np.ndarray:
         """A RESULTS record of ``n`` items in the output ring, for the queue to fill."""

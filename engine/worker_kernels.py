@@ -158,11 +158,13 @@ def pick(st: np.ndarray, pending: np.ndarray, recs: np.ndarray, queued: np.ndarr
 
 @compiled
 def gather(f32: np.ndarray, run: np.ndarray, states: np.ndarray, recs: np.ndarray, started_ns: int,
-           audio: np.ndarray, state: np.ndarray, queue_us: np.ndarray) -> None:
-    """The batch's model inputs and states (zero for a stream's first frame: FRESH), and
-    how long each frame queued before the batch started."""
+           audio: np.ndarray, state: np.ndarray, buckets_us: np.ndarray, queue_hist: np.ndarray) -> float:
+    """The batch's model inputs and states (zero for a stream's first frame: FRESH). How long
+    each frame queued before the batch started goes into ``queue_hist`` (the first bucket
+    whose bound it does not exceed, the last for none); returns their sum in microseconds."""
     width = audio.shape[1]
     n_recs = recs.shape[0]
+    total_us = 0.0
     for i in range(audio.shape[0]):
         row = run[i]
         src, dst = f32[row[OFF]:row[OFF] + width], audio[i]
@@ -176,7 +178,13 @@ def gather(f32: np.ndarray, run: np.ndarray, states: np.ndarray, recs: np.ndarra
             held = states[row[SLOT], row[SEQ] & 1]
             for c in range(into.shape[0]):
                 into[c] = held[c]
-        queue_us[i] = max(started_ns - recs[row[REC] % n_recs, ENQ], 0) / 1000.0
+        waited_us = max(started_ns - recs[row[REC] % n_recs, ENQ], 0) / 1000.0
+        total_us += waited_us
+        b = 0
+        while b < buckets_us.shape[0] and buckets_us[b] < waited_us:
+            b += 1
+        queue_hist[b] += 1
+    return total_us
 
 
 @compiled
