@@ -30,7 +30,8 @@ def measure_point(endpoint: str, streams: int, *, target: str = "ringserve", sha
                   alive: Callable[[], None] | None = None) -> PointResult:
     """Replay ``streams`` microphones against ``endpoint`` and measure one point.
 
-    ``duration_s``: measure exactly this long after the warm-up (no stability rule; a soak).
+    ``duration_s``: measure exactly this long after the warm-up (no stability rule; a soak),
+    and judge every measured window: the point's figures are then the whole duration's.
     ``pids``: the target's processes by role ({"frontend": [..], "workers": [..]} or
     {"server": [..]}) when they cannot be found from STATS. ``on_window`` gets every window's
     summary; ``progress`` too, plus point start/end events. ``alive`` is called while waiting
@@ -169,7 +170,7 @@ def _hold(result: PointResult, run: PointRun, procs: list[LoadProc], probe: Prob
     for proc in procs:
         proc.conn.send(("stop",))
     run.recv_until(lambda: len(run.done) >= len(procs), s.timeout_ms / 1000 + 60, "the end of the point", alive)
-    finish_point(result, run, measured, merged_measured, snaps, s, budget_ms)
+    finish_point(result, run, measured, merged_measured, snaps, s, budget_ms, judge_all=fixed_windows is not None)
     if progress:
         progress({"event": "point_end", "result": result})
     return result

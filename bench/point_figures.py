@@ -72,9 +72,11 @@ def window_summary(index: int, merged: dict[str, Any], before: dict[str, Any], a
 
 def finish_point(result: PointResult, run: PointRun, measured: list[dict[str, Any]],
                  merged_measured: list[dict[str, Any]], snaps: list[dict[str, Any]], s: PointSettings,
-                 budget_ms: float) -> None:
+                 budget_ms: float, judge_all: bool = False) -> None:
     """The point's integrity counts (every window, warm-up and drain included), its figures
-    over the judged windows (the last ``stable_windows`` measured), and its verdict."""
+    over the judged windows, and its verdict. Judged: the last ``stable_windows`` measured
+    (the ones that agreed), or every measured window (``judge_all``: a point held for a fixed
+    duration, a soak, whose figures are then the whole run's)."""
     every = merge_windows([r for reports in run.windows.values() for r in reports])
     result.sent, result.answered, result.shed = every["sent"], every["answered"], every["shed"]
     result.refused = dict(every["refused"])
@@ -92,7 +94,9 @@ def finish_point(result: PointResult, run: PointRun, measured: list[dict[str, An
     result.measured_windows = len(measured)
     result.measured_s = len(measured) * s.window_s
     result.windows = [{k: v for k, v in w.items() if not k.startswith("_")} for w in measured]
-    judged = list(range(len(measured)))[-s.stable_windows:] if measured else []
+    judged = list(range(len(measured)))
+    if not judge_all:
+        judged = judged[-s.stable_windows:]
     result.judged_windows = len(judged)
     if judged:
         lat = np.concatenate([merged_measured[i]["lat"] for i in judged])
