@@ -12,30 +12,37 @@ from __future__ import annotations
 import numpy as np
 
 from engine import worker_kernels as K
+from engine.models.base import StreamingModel
 from engine.stats import BUCKETS_US
 from transport import records
+from transport.doorbell import Doorbell
+from transport.ring import Ring, ring_bytes
+from transport.shm import Segment
 
-_NEVER = 1 << 62  # the due time of a frame that may not be shed
+
+def model_input_samples(model: StreamingModel, rate: int) -> int:
+    return model.context_samples(rate) + model.frame_samples(rate)
 
 
 class FrameQueue:
-    def __init__(self, ring_data: memoryview, states: np.ndarray, done: np.ndarray, max_batch: int,
-                 frame_ns_by_rate: dict[int, int], min_input_samples: int) -> None:
-        capacity = len(ring_data)
-        self._w32 = np.frombuffer(ring_data, np.uint32)
-        self._w64 = np.frombuffer(ring_data, np.int64)
-        self._f32 = np.frombuffer(ring_data, np.float32)
+    def __init__(self, ring: Ring, states: np.ndarray, done: np.ndarray, max_batch: int,
+                 model: StreamingModel) -> None:
+        self.ring = ring  # the input ring, whose consumer this queue is
+        self._w32 = np.frombuffer(ring.data, np.uint32)
+        self._w64 = np.frombuffer(ring.data, np.int64)
+        self._f32 = np.frombuffer(ring.data, np.float32)
         self.states = states
         self._done = done.view(np.int64)  # u64 mixed with i64 would make numba compute in floats
         self.max_batch = max_batch
-        self._rates = np.array(list(frame_ns_by_rate), np.int64)
-        self._frame_ns = np.array(list(frame_ns_by_rate.values()), np.int64)
+        self._rates = np.array(model.sample_rates, np.int64)
+        self._frame_ns = np.array([1_000_000_000 * model.frame_samples(rate) // rate for rate in model.sample_rates],
+                                  np.int64)
         # Sized so that everything the ring can hold fits: a frame takes at least its meta
         # and the smallest model input, a record at least that and its header.
-        frame_bytes = records.FRAME_META.itemsize + 4 * min_input_samples
-        self._pending = np.zeros((capacity // frame_bytes + 1, K.PENDING_COLUMNS), np.int64)
-        self._recs = np.zeros((capacity // (8 + records.FRAMES_HEADER.size + frame_bytes) + 1, K.RECORD_COLUMNS),
-                              np.int64)
+        frame_bytes = records.FRAME_META.itemsize + 4 * min(model_input_samples(model, r) for r in model.sample_rates)
+        self._pending = np.zeros((ring.capacity // frame_bytes + 1, K.PENDING_COLUMNS), np.int64)
+        self._recs = np.zeros((ring.capacity // (8 + records.FRAMES_HEADER.size + frame_bytes) + 1,
+                               K.RECORD_COLUMNS), np.int64)
         self._st = np.zeros(K.COUNTERS, np.int64)
         slots = len(done)
         self._queued = np.zeros(slots, np.int64)
@@ -45,14 +52,22 @@ class FrameQueue:
         self.run = np.zeros((max_batch, K.PENDING_COLUMNS), np.int64)
         self.stale = np.zeros((max_batch, K.PENDING_COLUMNS), np.int64)
 
-    def take(self, cursor: int, head: int) -> tuple[int, int, int]:
-        """Queue the records between the ring positions ``cursor`` and ``head``. Returns (the
-        cursor after them, frames skipped as already committed, ring position now free or -1)."""
-        cursor, replayed = K.take_records(self._w32, self._w64, cursor, head, self._done, self._rates,
-                                          self._frame_ns, records.KIND_FRAME_SET, records.FLAG_FRESH, _NEVER,
-                                          self._st, self._pending, self._recs, self._queued, self._since,
-                                          self._seen)
-        return cursor, replayed, K.released(self._recs, self._st) if replayed else -1
+    def take(self) -> int:
+        """Queue the records waiting in the ring, read in place; returns the frames skipped as
+        already committed (a replay after a crash). A record left with nothing to run is
+        released with the ones before it."""
+        ring, replayed = self.ring, 0
+        while (span := ring.next_record_span()) is not None:
+            body, _, end = span
+            skipped = K.take_record(self._w32, self._w64, body, end, self._done, self._rates, self._frame_ns,
+                                    self._st, self._pending, self._recs, self._queued, self._since, self._seen)
+            if skipped < 0:  # the tables hold all the ring can, so this cannot be; if it were, later
+                break
+            ring.cursor = end
+            replayed += skipped
+        if replayed:
+            self._release(K.released(self._recs, self._st))
+        return replayed
 
     @property
     def frames(self) -> int:
@@ -92,10 +107,14 @@ class FrameQueue:
         """The stale frames' states carried over unchanged, their results NaN."""
         K.put_shed(self.stale, self.states, out)
 
-    def finish(self, rows: np.ndarray) -> int:
-        """After the results of ``rows`` are published: their states are committed. Returns
-        the ring position now free, or -1."""
-        return int(K.finish(rows, self._done, self._recs, self._st))
+    def finish(self, rows: np.ndarray) -> None:
+        """After the results of ``rows`` are published: their states are committed, and the
+        ring space of every record whose frames all are is released."""
+        self._release(K.finish(rows, self._done, self._recs, self._st))
+
+    def _release(self, position: int) -> None:
+        if position >= 0:
+            self.ring.release(position)
 
     def window(self) -> tuple[int, int]:
         """(frames queued, streams they came from) since the last call."""
@@ -106,32 +125,36 @@ class FrameQueue:
         return frames, streams
 
 
-def warm_up(frame_ns_by_rate: dict[int, int], input_samples: dict[int, int], state_floats: int) -> None:
+def warm_up(model: StreamingModel) -> None:
     """Compile (or load from numba's cache) the queue's loops before the worker says it is
     ready: one FRAMES record per sample rate through a scratch ring, one frame run and one
     shed, with the same array types as the real ring and state table."""
-    ring = bytearray(1 << 16)
-    position = 0
-    for seq, rate in enumerate(frame_ns_by_rate):
-        width = input_samples[rate]
-        size = records.frames_record_bytes(1, width)
-        ring[position:position + 8] = size.to_bytes(8, "little")
-        records.FRAMES_HEADER.pack_into(ring, position + 8, records.KIND_FRAMES, 1, width, rate, 0, 1)
-        meta = np.frombuffer(ring, records.FRAME_META, 1, position + 8 + records.FRAMES_HEADER.size)
-        meta["seq"], meta["slot"], meta["flags"] = 0, seq, records.FLAG_FRESH
-        del meta
-        position += 8 + ((size + 7) & ~7)
-    slots = len(frame_ns_by_rate)
-    states = np.zeros((slots, 2, state_floats), np.float32)
-    queue = FrameQueue(memoryview(ring), states, np.zeros(slots, np.uint64), 4, frame_ns_by_rate,
-                       min(input_samples.values()))
-    queue.take(0, position)
+    rates = model.sample_rates
+    segment = Segment.private(ring_bytes(1 << 16))
+    ring = Ring(segment, Doorbell(), 0, 1 << 16)
+    for slot, rate in enumerate(rates):
+        width = model_input_samples(model, rate)
+        view = ring.reserve(records.frames_record_bytes(1, width))
+        assert view is not None
+        records.FRAMES_HEADER.pack_into(view, 0, records.KIND_FRAMES, 1, width, rate, 0, 1)
+        meta, _ = records.frames_views(view, 1, width)
+        meta[0] = (0, slot, records.FLAG_FRESH)
+        del meta, view
+        ring.commit()
+    states = np.zeros((len(rates), 2, model.state_floats), np.float32)
+    queue = FrameQueue(ring, states, np.zeros(len(rates), np.uint64), 4, model)
+    queue.take()
     out = np.zeros(1, records.RESULT)
     n_run, _, rate = queue.pick(0)  # not yet due: run
-    audio, state, _ = queue.gather(n_run, input_samples[rate], 0, np.zeros(len(BUCKETS_US) + 1, np.uint64))
+    hist = np.zeros(len(BUCKETS_US) + 1, np.uint64)
+    audio, state, _ = queue.gather(n_run, model_input_samples(model, rate), 0, hist)
     queue.put_results(state, audio[:, 0], out)
     queue.finish(queue.run[:n_run])
-    _, n_stale, _ = queue.pick(_NEVER)  # overdue: shed
+    _, n_stale, _ = queue.pick(K.NEVER)  # overdue: shed
     queue.put_shed(out[:n_stale])
     queue.finish(queue.stale[:n_stale])
     queue.window()
+    del queue  # its views of the ring, before the ring and segment let go of the memory
+    ring.close()
+    ring.doorbell.close()
+    segment.close()

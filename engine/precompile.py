@@ -5,14 +5,13 @@ its workers do the same at start, from the cache when it is there."""
 from __future__ import annotations
 
 from engine import frame_queue, frame_sets
-from engine.models.silero import CONTEXT_SAMPLES, FRAME_SAMPLES, SileroVad
+from engine.models.base import ModelSpec
+from engine.models.silero import default_model_path, load_model
 
 
 def main() -> None:
     frame_sets.warm_up()
-    frame_queue.warm_up({rate: 1_000_000_000 * n // rate for rate, n in FRAME_SAMPLES.items()},
-                        {rate: n + CONTEXT_SAMPLES[rate] for rate, n in FRAME_SAMPLES.items()},
-                        SileroVad.state_floats)
+    frame_queue.warm_up(load_model(ModelSpec(default_model_path())))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import numpy as np
 
 from engine.logs import setup_logging
 from engine import frame_queue
-from engine.frame_queue import FrameQueue
+from engine.frame_queue import FrameQueue, model_input_samples
 from engine.layout import StateLayout, WorkerLayout
 from engine.models.base import ModelSpec, StreamingModel
 from engine.models.silero import load_model
@@ -71,8 +71,7 @@ class Worker:
         self.in_ring = in_ring
         self.out_ring = out_ring
         self.stats = stats
-        frame_ns, input_samples = _frame_sizes(model)
-        self.queue = FrameQueue(in_ring.data, states, done, cfg.max_batch, frame_ns, min(input_samples.values()))
+        self.queue = FrameQueue(in_ring, states, done, cfg.max_batch, model)
         self.window_start_ns = time.monotonic_ns()
         self.window_busy_ns = int(stats.counters[BUSY_NS])
         self.arrival_fps = 0.0
@@ -81,15 +80,8 @@ class Worker:
         stats.counters[DELAY_US] = cfg.batch_delay_us
 
     def drain_input(self) -> None:
-        ring = self.in_ring
-        head = ring.readable_until()
-        if ring.cursor == head:
-            return
-        ring.cursor, replayed, free = self.queue.take(ring.cursor, head)
-        if replayed:  # after a crash: these frames' states were committed before it
+        if replayed := self.queue.take():  # after a crash: these frames' states were committed before it
             self.stats.counters[REPLAYED] += replayed
-        if free >= 0:
-            ring.release(free)
 
     def run_batch(self) -> None:
         """One batch: each queued stream's oldest frame, at one sample rate (8 and 16 kHz
@@ -114,8 +106,8 @@ class Worker:
 
     def _execute(self, n: int, rate: int) -> None:
         started = time.monotonic_ns()
-        width = self.model.frame_samples(rate) + self.model.context_samples(rate)
-        audio, state, queued_us = self.queue.gather(n, width, started, self.stats.queue_hist)
+        audio, state, queued_us = self.queue.gather(n, model_input_samples(self.model, rate), started,
+                                                    self.stats.queue_hist)
         probs, new_state = self.model.run(audio, state, rate)
         self.queue.put_results(new_state, probs, self._reserve_results(n))
         self._publish(self.queue.run[:n])
@@ -135,9 +127,7 @@ class Worker:
         """Results out first, then the states committed, then the input space released: the
         order that makes a crash at any point safe to replay (module docstring)."""
         self.out_ring.commit()
-        free = self.queue.finish(rows)
-        if free >= 0:
-            self.in_ring.release(free)
+        self.queue.finish(rows)
 
     def gather(self) -> None:
         """Let the oldest queued frame wait a while for a fuller batch.
@@ -204,12 +194,6 @@ class Worker:
             counters[BUSY_NS] += time.monotonic_ns() - busy_from
 
 
-def _frame_sizes(model: StreamingModel) -> tuple[dict[int, int], dict[int, int]]:
-    """Per sample rate: a frame's duration in ns, and its model input's samples."""
-    return ({rate: 1_000_000_000 * model.frame_samples(rate) // rate for rate in model.sample_rates},
-            {rate: model.frame_samples(rate) + model.context_samples(rate) for rate in model.sample_rates})
-
-
 def worker_main(cfg: WorkerConfig, in_bell: Doorbell, out_bell: Doorbell,
                 ready_conn: Connection, death_conn: Connection) -> None:
     """Entry point of a worker process (spawned)."""
@@ -222,7 +206,7 @@ def worker_main(cfg: WorkerConfig, in_bell: Doorbell, out_bell: Doorbell,
         # the start, instead of growing in steps after the first bursts (a 30-minute soak saw
         # that as slow RSS growth); ~40 ms and ~6 MiB more at start for 512.
         model.warm_up(cfg.max_batch)
-        frame_queue.warm_up(*_frame_sizes(model), model.state_floats)
+        frame_queue.warm_up(model)
         segment = Segment.attach(cfg.worker_segment)
         state_segment = Segment.attach(cfg.state_segment)
         in_ring = Ring(segment, in_bell, 0)

@@ -3,8 +3,8 @@
 Queued frames are rows of an int64 table in arrival order, columns ``REC .. DUE``; records
 still holding unreleased ring space are rows of another, indexed by serial number modulo
 its length, columns ``END .. RATE``. ``st`` holds the queue's counters (``N_PENDING ..``).
-The input ring's data area is read through three views of it: u32 and i64 words for record
-headers and FRAME_META items (transport/records.py), f32 for model inputs.
+A record is read in place, through three views of the input ring's data area: u32 and i64
+words for its header and FRAME_META items (transport/records.py), f32 for model inputs.
 
 Written in Python (a tuple, a deque and a dict entry per frame, numpy calls per batch) these
 steps cost the workers ~2 us more per frame (docs/benchmarks.md, run 15).
@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.compiled import compiled
+from transport import records
 
 REC, OFF, SEQ, SLOT, FRESH, DUE = range(6)  # a queued frame: record serial, f32 index of its input, ...
 PENDING_COLUMNS = 6
@@ -22,81 +23,68 @@ END, LEFT, ENQ, RATE = range(4)  # a record: ring position after it, frames not 
 RECORD_COLUMNS = 4
 N_PENDING, FIRST, NEXT, QUEUED_SLOTS, ACTIVATED, WINDOW_FRAMES, WINDOW_ID, WINDOW_SLOTS, BATCH_ID = range(9)
 COUNTERS = 9
-_WRAP = -1  # a length word of all ones, read as int64: the next record starts at offset 0
-_HEADER_BYTES = 32  # records.FRAMES_HEADER.size
-_META_BYTES = 16  # records.FRAME_META.itemsize
+# The record format as plain ints: numba takes module globals as constants.
+_HEADER_BYTES, _META_BYTES = records.FRAMES_HEADER.size, records.FRAME_META.itemsize
+_KIND_FRAME_SET, _FLAG_FRESH = records.KIND_FRAME_SET, records.FLAG_FRESH
+NEVER = 1 << 62  # the due time of a frame that may not be shed
 
 
 @compiled
-def take_records(w32: np.ndarray, w64: np.ndarray, cursor: int, head: int, done: np.ndarray,
-                 rates: np.ndarray, frame_ns: np.ndarray, kind_frame_set: int, flag_fresh: int, never: int,
-                 st: np.ndarray, pending: np.ndarray, recs: np.ndarray, queued: np.ndarray, since: np.ndarray,
-                 seen: np.ndarray) -> tuple[int, int]:
-    """Queue the frames of every record between ``cursor`` and ``head``, skipping those whose
-    state is already committed (``seq < done[slot]``: a replay after a crash). Stops early,
-    should either table be full. Returns (the cursor after the last record taken, frames
-    skipped). A FRAMES record's frame i is due ``shed_after_ms`` after its arrival plus i
-    frame durations of its stream's audio; a FRAME_SET's frames are all due together."""
-    capacity = w64.shape[0] * 8
+def take_record(w32: np.ndarray, w64: np.ndarray, body: int, end: int, done: np.ndarray, rates: np.ndarray,
+                frame_ns: np.ndarray, st: np.ndarray, pending: np.ndarray, recs: np.ndarray, queued: np.ndarray,
+                since: np.ndarray, seen: np.ndarray) -> int:
+    """Queue the frames of the FRAMES record whose payload starts at byte ``body`` (``end``:
+    the ring position after it), skipping those whose state is already committed (``seq <
+    done[slot]``: a replay after a crash). A FRAMES record's frame i is due ``shed_after_ms``
+    after its arrival plus i frame durations of its stream's audio; a FRAME_SET's frames are
+    all due together. Returns the frames skipped, or -1 (nothing taken) should either table be
+    full."""
+    h = body >> 2
+    count, width, rate = np.int64(w32[h + 1]), np.int64(w32[h + 2]), np.int64(w32[h + 3])
+    enqueued, shed_after_ms = w64[(body >> 3) + 2], np.int64(w32[h + 6])
     n_recs = recs.shape[0]
-    replayed = 0
-    while cursor != head:
-        pos = cursor % capacity
-        length = w64[pos >> 3]
-        skip = 0
-        if length == _WRAP:
-            skip = capacity - pos
-            pos = 0
-            length = w64[0]
-        body = pos + 8
-        h = body >> 2
-        count, width, rate = np.int64(w32[h + 1]), np.int64(w32[h + 2]), np.int64(w32[h + 3])
-        enqueued, shed_after_ms = w64[(body >> 3) + 2], np.int64(w32[h + 6])
-        if st[NEXT] - st[FIRST] == n_recs or st[N_PENDING] + count > pending.shape[0]:
-            break
-        step = 0
-        if w32[h] != kind_frame_set:
-            for r in range(rates.shape[0]):
-                if rates[r] == rate:
-                    step = frame_ns[r]
-        due = enqueued + shed_after_ms * 1_000_000 if shed_after_ms else never
-        serial = st[NEXT]
-        st[NEXT] = serial + 1
-        rec = recs[serial % n_recs]
-        rec[END] = cursor + skip + 8 + ((length + 7) & ~7)
-        rec[LEFT] = 0
-        rec[ENQ] = enqueued
-        rec[RATE] = rate
-        meta = body + _HEADER_BYTES
-        inputs = (meta + count * _META_BYTES) >> 2
-        n = st[N_PENDING]
-        for i in range(count):
-            m = (meta + i * _META_BYTES) >> 2
-            seq, slot, flags = w64[m >> 1], np.int64(w32[m + 2]), np.int64(w32[m + 3])
-            if seq < done[slot]:
-                replayed += 1
-                continue
-            row = pending[n]
-            row[REC] = serial
-            row[OFF] = inputs + i * width
-            row[SEQ] = seq
-            row[SLOT] = slot
-            row[FRESH] = (flags & flag_fresh) != 0
-            row[DUE] = due + i * step
-            n += 1
-            if queued[slot] == 0:
-                st[QUEUED_SLOTS] += 1
-                since[slot] = st[ACTIVATED]
-                st[ACTIVATED] += 1
-            queued[slot] += 1
-            if seen[slot] != st[WINDOW_ID]:
-                seen[slot] = st[WINDOW_ID]
-                st[WINDOW_SLOTS] += 1
-        st[WINDOW_FRAMES] += n - st[N_PENDING]
-        rec[LEFT] = n - st[N_PENDING]
-        st[N_PENDING] = n
-        cursor = rec[END]
-    return cursor, replayed
+    if st[NEXT] - st[FIRST] == n_recs or st[N_PENDING] + count > pending.shape[0]:
+        return -1
+    step = 0
+    if w32[h] != _KIND_FRAME_SET:
+        for r in range(rates.shape[0]):
+            if rates[r] == rate:
+                step = frame_ns[r]
+    due = enqueued + shed_after_ms * 1_000_000 if shed_after_ms else NEVER
+    serial = st[NEXT]
+    st[NEXT] = serial + 1
+    rec = recs[serial % n_recs]
+    rec[END] = end
+    rec[ENQ] = enqueued
+    rec[RATE] = rate
+    meta = body + _HEADER_BYTES
+    inputs = (meta + count * _META_BYTES) >> 2
+    first = n = st[N_PENDING]
+    for i in range(count):
+        m = (meta + i * _META_BYTES) >> 2
+        seq, slot, flags = w64[m >> 1], np.int64(w32[m + 2]), np.int64(w32[m + 3])
+        if seq < done[slot]:
+            continue
+        row = pending[n]
+        row[REC] = serial
+        row[OFF] = inputs + i * width
+        row[SEQ] = seq
+        row[SLOT] = slot
+        row[FRESH] = (flags & _FLAG_FRESH) != 0
+        row[DUE] = due + i * step
+        n += 1
+        if queued[slot] == 0:
+            st[QUEUED_SLOTS] += 1
+            since[slot] = st[ACTIVATED]
+            st[ACTIVATED] += 1
+        queued[slot] += 1
+        if seen[slot] != st[WINDOW_ID]:
+            seen[slot] = st[WINDOW_ID]
+            st[WINDOW_SLOTS] += 1
+    rec[LEFT] = n - first
+    st[WINDOW_FRAMES] += n - first
+    st[N_PENDING] = n
+    return count - (n - first)
 
 
 @compiled

@@ -16,23 +16,24 @@ import numpy as np
 import pytest
 
 from engine.frame_queue import FrameQueue
+from engine.models.base import ModelSpec
+from engine.models.silero import SileroVad, default_model_path, load_model
 from engine.stats import N_BUCKETS
 from transport import records
 from transport.doorbell import Doorbell
 from transport.ring import Ring, ring_bytes
 from transport.shm import Segment
 
-WIDTH = {16000: 576, 8000: 288}
-FRAME_NS = {16000: 32_000_000, 8000: 32_000_000}
-STATE = 4
+WIDTH = {16000: 576, 8000: 288}  # Silero's model inputs: context + frame
+STATE = SileroVad.state_floats
 
 
 class Fixture:
-    def __init__(self, ring: Ring, max_batch: int) -> None:
+    def __init__(self, ring: Ring, max_batch: int, model: SileroVad) -> None:
         self.ring = ring
         self.states = np.zeros((8, 2, STATE), np.float32)
         self.done = np.zeros(8, np.uint64)
-        self.queue = FrameQueue(ring.data, self.states, self.done, max_batch, FRAME_NS, min(WIDTH.values()))
+        self.queue = FrameQueue(ring, self.states, self.done, max_batch, model)
         self.hist = np.zeros(N_BUCKETS, np.uint64)
 
     def write(self, kind: int, frames: list[tuple[int, int]], rate: int = 16000, enqueued_ns: int = 0,
@@ -49,12 +50,6 @@ class Fixture:
         del meta, audio, view
         self.ring.commit()
 
-    def take(self) -> int:
-        self.ring.cursor, replayed, free = self.queue.take(self.ring.cursor, self.ring.readable_until())
-        if free >= 0:
-            self.ring.release(free)
-        return replayed
-
     def run_batch(self, now_ns: int = 0) -> list[tuple[int, int]]:
         """The next batch's (slot, seq) in row order, checked against the inputs gathered, and
         committed as the worker does (results out, then states, then ring space)."""
@@ -66,17 +61,20 @@ class Fixture:
         assert (audio == audio[:, :1]).all()
         out = np.zeros(max(n, 2), records.RESULT)
         self.queue.put_results(np.zeros((n, STATE), np.float32), np.full(n, 0.5, np.float32), out)
-        free = self.queue.finish(self.queue.run[:n])
-        if free >= 0:
-            self.ring.release(free)
+        self.queue.finish(self.queue.run[:n])
         return picked
 
 
+@pytest.fixture(scope="module")
+def model() -> SileroVad:
+    return load_model(ModelSpec(default_model_path()))
+
+
 @pytest.fixture
-def fx(request: pytest.FixtureRequest) -> Iterator[Fixture]:
+def fx(request: pytest.FixtureRequest, model: SileroVad) -> Iterator[Fixture]:
     segment = Segment.create(f"rs-test-fq-{uuid.uuid4().hex[:8]}", ring_bytes(1 << 16))
     ring = Ring(segment, Doorbell(), 0, 1 << 16)
-    fixture = Fixture(ring, getattr(request, "param", 64))
+    fixture = Fixture(ring, getattr(request, "param", 64), model)
     try:
         yield fixture
     finally:
@@ -91,7 +89,7 @@ def test_each_batch_takes_every_streams_oldest_frame_and_frees_the_ring(fx: Fixt
     fx.write(records.KIND_FRAMES, [(0, 0), (0, 1), (0, 2)])  # one stream's chunk of three frames
     fx.write(records.KIND_FRAME_SET, [(1, 0), (2, 0)])  # a gateway's tick
     fx.write(records.KIND_FRAME_SET, [(2, 1), (1, 1)])
-    assert fx.take() == 0
+    assert fx.queue.take() == 0
     assert fx.queue.frames == 7 and fx.queue.streams == 3
     assert fx.run_batch() == [(0, 0), (1, 0), (2, 0)]
     assert fx.run_batch() == [(0, 1), (2, 1), (1, 1)]
@@ -106,14 +104,14 @@ def test_streams_queued_longest_go_first_when_a_batch_is_full(fx: Fixture) -> No
     fx.write(records.KIND_FRAME_SET, [(0, 0), (1, 0)])
     fx.write(records.KIND_FRAME_SET, [(2, 0), (3, 0)])
     fx.write(records.KIND_FRAME_SET, [(0, 1)])
-    fx.take()
+    fx.queue.take()
     assert fx.run_batch() == [(0, 0), (1, 0)]
     # Stream 0's queue never emptied: it keeps its place ahead of streams 2 and 3, although
     # its next frame came after theirs (oldest-frame-first would run 2 and 3 now, and under
     # overload every stream's frames just before their shed time). Rows stay in arrival order.
     assert fx.run_batch() == [(2, 0), (0, 1)]
     fx.write(records.KIND_FRAME_SET, [(1, 1)])
-    fx.take()
+    fx.queue.take()
     assert fx.run_batch() == [(3, 0), (1, 1)]
 
 
@@ -122,7 +120,7 @@ def test_frames_whose_state_is_committed_are_skipped_on_replay(fx: Fixture) -> N
     fx.write(records.KIND_FRAMES, [(0, 0), (0, 1), (0, 2), (0, 3)])
     fx.write(records.KIND_FRAMES, [(1, 0), (1, 1)])
     fx.done[1] = 2
-    assert fx.take() == 4
+    assert fx.queue.take() == 4
     assert fx.queue.frames == 2
     assert fx.run_batch() == [(0, 2)]
     assert fx.run_batch() == [(0, 3)]
@@ -134,7 +132,7 @@ def test_each_batch_holds_one_sample_rate(fx: Fixture) -> None:
     fx.write(records.KIND_FRAMES, [(0, 0)], rate=8000)
     fx.write(records.KIND_FRAMES, [(1, 0)], rate=16000)
     fx.write(records.KIND_FRAMES, [(2, 0)], rate=8000)
-    fx.take()
+    fx.queue.take()
     assert fx.run_batch() == [(0, 0), (2, 0)]
     assert fx.run_batch() == [(1, 0)]
 
@@ -145,7 +143,7 @@ def test_late_frames_are_shed_their_state_carried_over(fx: Fixture) -> None:
     fx.done[0] = 1
     fx.write(records.KIND_FRAMES, [(0, 1), (0, 2)], enqueued_ns=1_000_000_000, shed_after_ms=100)
     fx.write(records.KIND_FRAMES, [(1, 0)], enqueued_ns=1_000_000_000, shed_after_ms=100, flags=records.FLAG_FRESH)
-    fx.take()
+    fx.queue.take()
     # Due at 1.1 s: stream 0's frame 1 and stream 1's frame; stream 0's frame 2 one frame
     # duration later, at 1.132 s. At 1.11 s the first two are late.
     n_run, n_stale, _ = fx.queue.pick(1_110_000_000)

@@ -125,26 +125,28 @@ class Ring:
 
         Advances the private cursor; space is only given back by ``release``.
         """
+        span = self.next_record_span()
+        if span is None:
+            return None
+        offset, length, end = span
+        self.cursor = end
+        return self.data[offset:offset + length], end
+
+    def next_record_span(self) -> tuple[int, int, int] | None:
+        """Where the record at the cursor is: (its payload's offset in ``data``, its length,
+        the position after it), or None if none is ready. The cursor stays: a consumer that
+        reads records in place (engine/frame_queue.py) moves it itself."""
         cursor = self.cursor
         if cursor == self._words[_HEAD]:
             return None
         _publish_fence()
         pos = cursor % self.capacity
-        length = self._len_words[pos >> 3]
+        length = int(self._len_words[pos >> 3])
         if length == _WRAP:
             cursor += self.capacity - pos
             pos = 0
-            length = self._len_words[0]
-        end = cursor + 8 + ((length + 7) & ~7)
-        self.cursor = end
-        return self.data[pos + 8:pos + 8 + length], end
-
-    def readable_until(self) -> int:
-        """The producer's position: every record between ``cursor`` and it may be read (for a
-        consumer that parses records itself and then sets ``cursor``)."""
-        head = int(self._words[_HEAD])
-        _publish_fence()
-        return head
+            length = int(self._len_words[0])
+        return pos + 8, length, cursor + 8 + ((length + 7) & ~7)
 
     def release(self, position: int) -> None:
         """Give back all space before ``position`` (a value returned by next_record)."""

@@ -73,6 +73,11 @@ class Segment:
         return cls(name, size, shm.buf, shm, None)
 
     @classmethod
+    def private(cls, size: int) -> Segment:
+        """A segment in this process's own memory: a scratch ring that no other process sees."""
+        return cls("private", size, memoryview(bytearray(size)), None, None)
+
+    @classmethod
     def attach(cls, name: str) -> Segment:
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
         try:
