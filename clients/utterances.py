@@ -103,7 +103,7 @@ class UtteranceKeeper:
             from engine.vad_events import SpeechSegmenter, VadParams
 
             self.mirror = SpeechSegmenter(VadParams.from_mapping(self.vad), self.sample_rate)
-            self.mirror_ok = all(hasattr(self.mirror, a) for a in ("_triggered", "_started", "_start"))
+            self.mirror_ok = hasattr(self.mirror, "unconfirmed_onset")
         except Exception as exc:  # noqa: BLE001 - any failure means: no mirror, nominal window
             log.warning("stream %d: cannot replay the engine's segmenter (%s); utterances use the "
                         "nominal keep window", self.stream_id, exc)
@@ -204,7 +204,9 @@ class UtteranceKeeper:
             candidates.append(self.open.sample)
         m = self.mirror
         if m is not None and self.mirror_ok:
-            onset = m._start if (m._triggered and not m._started) else self.processed
+            onset = m.unconfirmed_onset
+            if onset is None:
+                onset = self.processed
             candidates.append(max(int(max(0, onset - self.pad)), self.last_end))
         else:
             nominal = self.processed - self.frame - self.min_speech - self.pad - 1

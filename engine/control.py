@@ -173,7 +173,8 @@ class StreamTable:
         self.worker_load[worker] += 1
         stream = Stream(identity, stream_id, slot, worker, rate, self.frame_samples[rate],
                         self.context_samples[rate], P.DTYPE_NAMES[dtype_name],
-                        SpeechSegmenter(vad_params, rate), self.slot_seq[slot], time.monotonic(),
+                        SpeechSegmenter(vad_params, rate, self.lane.vad_state[slot], self.lane.vad_limits[slot]),
+                        self.slot_seq[slot], time.monotonic(),
                         self.buffers[slot])
         stream.shed_after_ms = shed_after_ms
         self.streams[key] = self.by_slot[slot] = stream
@@ -305,7 +306,7 @@ class StreamTable:
     def on_results(self, seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray) -> None:
         """One RESULTS record's frames (seq int64, slot intp, prob float32). Those of lane
         streams in order are answered in bulk (engine/lane.py); the rest here, frame by frame."""
-        rest, answered, waited = self.lane.answer(seqs, slots, probs, self.by_slot, self.out(), self.request_hist)
+        rest, answered, waited = self.lane.answer(seqs, slots, probs, self.out(), self.request_hist)
         self.counters["frames_out"] += answered
         self.request_s_total += waited
         if rest is None:

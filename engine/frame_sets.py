@@ -23,6 +23,7 @@ before.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Callable, cast
 
@@ -32,6 +33,7 @@ from engine import lane_kernels as kernels
 from engine.lane import IN_FLIGHT, Lane, shape_key
 from engine.stats import N_BUCKETS
 from engine.streams import FRESH_NS, PendingChunk, Stream
+from engine.vad_events import SpeechSegmenter, VadParams
 from transport import protocol as P
 from transport import records
 from transport.protocol import ErrorCode
@@ -241,8 +243,14 @@ def warm_up() -> None:
     in_lane[:] = False
     kernels.admit(in_lane, slots, lane.audio_ns, lane.ns_per_sample, lane.clock_ns, lane.shed_after_ms, lane.worker,
                   np.ones(1, np.bool_), samples, 0, 0, 0, arrived, verdict, keys)
+    # A stream's own calls of its speech-event machine (the lane's are compiled into answer).
+    segmenter = SpeechSegmenter(VadParams(max_speech_duration_s=1.0), samples * 1000 // 32)
+    for prob in (0.9, 0.9, math.nan, 0.1):
+        segmenter.push(prob)
+    segmenter.quiet()
+    segmenter.finish(4 * samples)
     # No stream is in this lane: nothing is answered, nothing goes out.
-    lane.answer(np.zeros(n, np.int64), slots, np.zeros(n, np.float32), [], cast("Outlet", None), [0] * N_BUCKETS)
+    lane.answer(np.zeros(n, np.int64), slots, np.zeros(n, np.float32), cast("Outlet", None), [0] * N_BUCKETS)
     ids = np.zeros(n, np.uint32)
     for dtype in (np.dtype(np.int16), np.dtype(np.float32)):
         item = P.AUDIO_ITEM.size + samples * dtype.itemsize

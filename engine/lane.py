@@ -10,9 +10,10 @@ compiled, engine/lane_kernels.py):
 
 - frame_sets.take_frames takes the frames of lane streams in bulk (the `Lane` arrays);
 - ``answer`` answers every in-order result of a lane stream: one reply item each, one bytes
-  object per client. The speech-event machine runs only for the frames that could move it
-  (SpeechSegmenter.quiet: in silence, a probability under the threshold changes nothing; in
-  speech, one at or over neg_threshold), so for most frames not at all.
+  object per client. The speech-event machine (engine/vad_kernels.py) moves in the same loop,
+  and only for the frames that could move it (``quiet``: in silence, a probability under the
+  threshold changes nothing; in speech, one at or over neg_threshold); a frame that gives
+  events gets its reply item built in Python, alone.
 
 A stream joins the lane (``promote``) when its Stream object has nothing pending. Whatever
 else touches it — a partial frame, RESET or CLOSE, a shed or refused frame, an error, expiry,
@@ -22,12 +23,14 @@ its frames in flight become PendingChunks, the state the item-by-item code would
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from engine import lane_kernels as kernels
+from engine import vad_kernels as vad
 from engine.stats import BUCKETS_US, N_BUCKETS
 from engine.streams import PendingChunk, Stream
 from engine.vad_events import SpeechSegmenter
@@ -77,6 +80,10 @@ class Lane:
         self.shape = np.zeros(n, np.int64)  # shape_key of the frames it takes
         self.stream_id = np.zeros(n, np.uint32)
         self.conn = np.zeros(n, np.int64)
+        # Each slot's speech-event machine (engine/vad_kernels.py); its stream's SpeechSegmenter
+        # wraps the rows, so the machine stays where it is whether the stream is in the lane or not.
+        self.vad_state = np.zeros((n, vad.N_STATE), np.int64)
+        self.vad_limits = np.zeros((n, vad.N_LIMITS), np.float64)
         # SpeechSegmenter.quiet() of the stream, as of its last push.
         self.quiet_lo = np.zeros(n, np.float64)
         self.quiet_hi = np.zeros(n, np.float64)
@@ -167,8 +174,8 @@ class Lane:
             self.free_conns.append(conn)
 
     # ---- results -----------------------------------------------------------------------------
-    def answer(self, seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray, by_slot: list[Stream | None],
-               out: Outlet, hist: list[int]) -> tuple[np.ndarray | None, int, float]:
+    def answer(self, seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray, out: Outlet,
+               hist: list[int]) -> tuple[np.ndarray | None, int, float]:
         """Answer every result of a lane stream that comes in order and was not shed: (the
         results left for the caller as a mask, or None if none are; frames answered; seconds
         their chunks waited, arrival to reply, summed into ``hist``)."""
@@ -176,19 +183,18 @@ class Lane:
         if n > len(self._mine):
             self._reply_buffers(n)
         counts = np.zeros(N_BUCKETS, np.int64)
-        count, pushed, waited = kernels.answer(
+        count, n_events, waited = kernels.answer(
             seqs, slots, probs, self.on, self.expected_seq, self.samples_out, self.frame, self.frame_base,
-            self.quiet_lo, self.quiet_hi, self.quiet_until, self.stream_id, self.chunk_seq, self.conn,
-            self.arrived_ns, _BUCKETS_S, time.monotonic(), self._words, self._floats, self._mine, self._pushed,
-            self._conns, self._slots, counts)
+            self.quiet_lo, self.quiet_hi, self.quiet_until, self.vad_state, self.vad_limits, self.stream_id,
+            self.chunk_seq, self.conn, self.arrived_ns, _BUCKETS_S, time.monotonic(), self._words, self._floats,
+            self._mine, self._conns, self._scratch, self._events, counts)
         rest = None if count == n else ~self._mine[:n]
         if not count:
             return rest, 0, 0.0
         items, conns = self._items[:count], self._conns[:count]
-        if pushed:
-            plain = self._push(np.flatnonzero(self._pushed[:count]).tolist(), items, conns, by_slot, out)
-            if not plain.all():
-                items, conns = items[plain], conns[plain]
+        if n_events:
+            plain = self._answer_events(self._events[:n_events].tolist(), items, conns, out)
+            items, conns = items[plain], conns[plain]
         self._queue(items, conns, out.queue_result)
         for bucket, waits in enumerate(counts.tolist()):
             if waits:
@@ -200,28 +206,21 @@ class Lane:
         self._items = np.empty(n, REPLY_ITEM)
         self._words = self._items.view(np.uint32).reshape(n, REPLY_ITEM.itemsize // 4)
         self._floats = self._items.view(np.float32).reshape(n, REPLY_ITEM.itemsize // 4)
-        self._mine, self._pushed = np.empty(n, np.bool_), np.empty(n, np.bool_)
-        self._conns, self._slots = np.empty(n, np.int64), np.empty(n, np.intp)
+        self._mine, self._conns = np.empty(n, np.bool_), np.empty(n, np.int64)
+        self._scratch = np.empty((vad.MAX_EVENTS, 3), np.int64)
+        self._events = np.empty((n * vad.MAX_EVENTS, 4), np.int64)
 
-    def _push(self, pushed: list[int], items: np.ndarray, conns: np.ndarray, by_slot: list[Stream | None],
-              out: Outlet) -> np.ndarray:
-        """The frames that may move their speech-event machine, pushed one by one; those that
-        did produce events are replied to here, alone. Returns which items are plain."""
+    def _answer_events(self, events: list[list[int]], items: np.ndarray, conns: np.ndarray,
+                       out: Outlet) -> np.ndarray:
+        """The items whose frame gave speech events (rows: item, kind, frame, sample) are
+        replied to here, alone, with their events. Returns which items are plain."""
         plain = np.ones(len(items), np.bool_)
-        for j in pushed:
-            slot = int(self._slots[j])
-            stream = by_slot[slot]
-            assert stream is not None
+        for j, rows in itertools.groupby(events, key=lambda row: row[0]):
             item = items[j]
-            segmenter = stream.segmenter
-            segmenter.seek(int(item["first"]))
-            events = segmenter.push(float(item["prob"]))
-            self.set_quiet(slot, segmenter)
-            if events:
-                out.queue_result(self.identities[int(conns[j])], P.encode_result_item(
-                    int(item["stream"]), int(item["chunk"]), int(item["first"]), item["prob"].tobytes(),
-                    [(e.kind, e.frame, e.sample) for e in events], 0))
-                plain[j] = False
+            out.queue_result(self.identities[int(conns[j])], P.encode_result_item(
+                int(item["stream"]), int(item["chunk"]), int(item["first"]), item["prob"].tobytes(),
+                [(kind, frame, sample) for _, kind, frame, sample in rows], 0))
+            plain[j] = False
         return plain
 
     def _queue(self, items: np.ndarray, conns: np.ndarray, queue: Callable[[bytes, bytes], None]) -> None:

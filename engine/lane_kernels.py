@@ -13,6 +13,7 @@ Verdicts (``admit``): what happens to each item of a frame set.
 from __future__ import annotations
 
 import numpy as np
+from engine import vad_kernels as vad
 from engine.compiled import compiled
 
 NOT_IN_LANE = -1
@@ -133,18 +134,18 @@ def fill_frame_set(key: int, keys: np.ndarray, slots: np.ndarray, flat: np.ndarr
 @compiled
 def answer(seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray, on: np.ndarray, expected_seq: np.ndarray,
            samples_out: np.ndarray, frame: np.ndarray, frame_base: np.ndarray, quiet_lo: np.ndarray,
-           quiet_hi: np.ndarray, quiet_until: np.ndarray, stream_id: np.ndarray, chunk_seq: np.ndarray,
-           conn: np.ndarray, arrived_ns: np.ndarray, buckets_s: np.ndarray, now_s: float, words: np.ndarray,
-           floats: np.ndarray, mine: np.ndarray, push: np.ndarray, conns: np.ndarray, item_slots: np.ndarray,
-           hist: np.ndarray) -> tuple[int, int, float]:
+           quiet_hi: np.ndarray, quiet_until: np.ndarray, vad_state: np.ndarray, vad_limits: np.ndarray,
+           stream_id: np.ndarray, chunk_seq: np.ndarray, conn: np.ndarray, arrived_ns: np.ndarray,
+           buckets_s: np.ndarray, now_s: float, words: np.ndarray, floats: np.ndarray, mine: np.ndarray,
+           conns: np.ndarray, scratch: np.ndarray, events: np.ndarray, hist: np.ndarray) -> tuple[int, int, float]:
     """Lane.answer's loop: each result of a lane stream that comes in order and was not shed
     (``mine[i]``) moves its stream on and becomes reply item j (``words``/``floats``: REPLY_ITEM
-    items as [n, 7] words, ``conns[j]`` its client, ``item_slots[j]`` its slot), and
-    ``push[j]`` says whether it may move the stream's speech-event machine
-    (SpeechSegmenter.quiet). Each answered chunk's wait, arrival to now, goes into ``hist``
-    (bisect_left over ``buckets_s``). Returns (items, items to push, seconds waited)."""
+    items as [n, 7] words, ``conns[j]`` its client). A frame that may move the stream's
+    speech-event machine (vad_kernels.quiet) is pushed through it; its events become rows
+    (j, kind, frame, sample) of ``events``. Each answered chunk's wait, arrival to now, goes
+    into ``hist`` (bisect_left over ``buckets_s``). Returns (items, event rows, seconds waited)."""
     in_flight = chunk_seq.shape[1]
-    j = pushed = 0
+    j = n_events = 0
     waited = 0.0
     for i in range(seqs.shape[0]):
         s, seq, prob = slots[i], seqs[i], probs[i]
@@ -156,9 +157,17 @@ def answer(seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray, on: np.ndarra
         expected_seq[s] = seq + 1
         samples_out[s] += frame[s]
         first = seq - frame_base[s]
-        quiet = quiet_lo[s] <= prob < quiet_hi[s] and first < quiet_until[s]
-        push[j] = not quiet
-        pushed += not quiet
+        if not (quiet_lo[s] <= prob < quiet_hi[s] and first < quiet_until[s]):
+            st, lim = vad_state[s], vad_limits[s]
+            st[vad.FRAME] = first
+            got = vad.push(st, lim, prob, scratch)
+            quiet_lo[s], quiet_hi[s], quiet_until[s] = vad.quiet(st, lim)
+            for e in range(got):
+                events[n_events, 0] = j
+                events[n_events, 1] = scratch[e, 0]  # kind
+                events[n_events, 2] = scratch[e, 2]  # frame
+                events[n_events, 3] = scratch[e, 1]  # sample
+                n_events += 1
         words[j, 0] = stream_id[s]
         words[j, 1] = chunk_seq[s, k]
         words[j, 2] = first & 0xFFFFFFFF
@@ -167,7 +176,6 @@ def answer(seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray, on: np.ndarra
         words[j, 5] = 0  # no events, no flags
         floats[j, 6] = prob
         conns[j] = conn[s]
-        item_slots[j] = s
         wait = now_s - arrived_ns[s, k] / 1e9
         waited += wait
         b = 0
@@ -175,4 +183,4 @@ def answer(seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray, on: np.ndarra
             b += 1
         hist[b] += 1
         j += 1
-    return j, pushed, waited
+    return j, n_events, waited

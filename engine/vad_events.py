@@ -51,11 +51,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+import numpy as np
+
+from engine import vad_kernels as K
+
 _FRAME_SIZES = {16000: 512, 8000: 256}
 _MIN_SILENCE_AT_MAX_SPEECH_MS = 98  # upstream default; not a knob here
 _NO_EVENTS: tuple[SpeechEvent, ...] = ()  # shared: the hot path allocates nothing
-_FOREVER = 1 << 62
-_NEVER_QUIET = (math.inf, math.inf, 0)
 
 
 def _check(key: str, value: object, ok: Callable[[float], bool], allowed: str,
@@ -127,144 +129,66 @@ class SpeechEvent:
 
 
 class SpeechSegmenter:
-    __slots__ = ("_best_dur", "_best_end", "_frame", "_last_end", "_last_start", "_max_speech",
-                 "_min_sil_max", "_min_silence", "_min_speech", "_neg", "_pad", "_pending", "_start",
-                 "_started", "_temp_end", "_thr", "_triggered", "frame_size", "params", "sample_rate")
+    """One stream's machine: its state and limits are rows of arrays (engine/vad_kernels.py),
+    its own or, for the engine's streams, the stream table's (``state``, ``limits``)."""
 
-    def __init__(self, params: VadParams, sample_rate: int) -> None:
+    __slots__ = ("_events", "_limits", "_state", "frame_size", "params", "sample_rate")
+
+    def __init__(self, params: VadParams, sample_rate: int, state: np.ndarray | None = None,
+                 limits: np.ndarray | None = None) -> None:
         if sample_rate not in _FRAME_SIZES:
             raise ValueError(f"sample_rate must be one of {sorted(_FRAME_SIZES)}, got {sample_rate!r}")
         self.params, self.sample_rate = params, sample_rate
         self.frame_size = w = _FRAME_SIZES[sample_rate]
-        sr = sample_rate
+        self._state = np.zeros(K.N_STATE, np.int64) if state is None else state
+        self._limits = np.zeros(K.N_LIMITS, np.float64) if limits is None else limits
+        self._events = np.zeros((K.MAX_EVENTS, 3), np.int64)
+        sr, lim = sample_rate, self._limits
         # Upstream's own float expressions, so every comparison rounds the same way.
-        self._thr, self._neg = params.threshold, params.effective_neg_threshold
-        self._min_speech = sr * params.min_speech_duration_ms / 1000
-        self._pad = sr * params.speech_pad_ms / 1000
-        self._max_speech = sr * params.max_speech_duration_s - w - 2 * self._pad
-        self._min_silence = sr * params.min_silence_duration_ms / 1000
-        self._min_sil_max = sr * _MIN_SILENCE_AT_MAX_SPEECH_MS / 1000
+        lim[K.THR], lim[K.NEG] = params.threshold, params.effective_neg_threshold
+        lim[K.MIN_SPEECH] = sr * params.min_speech_duration_ms / 1000
+        lim[K.PAD] = pad = sr * params.speech_pad_ms / 1000
+        lim[K.MAX_SPEECH] = sr * params.max_speech_duration_s - w - 2 * pad
+        lim[K.MIN_SILENCE] = sr * params.min_silence_duration_ms / 1000
+        lim[K.MIN_SIL_MAX] = sr * _MIN_SILENCE_AT_MAX_SPEECH_MS / 1000
+        lim[K.WIDTH] = w
         self.reset()
 
     def reset(self) -> None:
-        self._frame = self._start = self._temp_end = self._best_end = self._best_dur = 0
-        self._last_start = self._last_end = 0
-        self._pending = -1  # sample of a pause-less max_speech cut whose END waits a frame
-        self._triggered = self._started = False
+        K.reset(self._state)
 
     @property
     def in_speech(self) -> bool:
-        return self._started
+        return bool(self._state[K.STARTED])
+
+    @property
+    def unconfirmed_onset(self) -> int | None:
+        """The sample where speech began if its START has not gone out yet (min_speech may
+        still drop it), else None: a client keeping audio for utterances keeps it from there."""
+        st = self._state
+        return int(st[K.START]) if st[K.TRIGGERED] and not st[K.STARTED] else None
 
     def quiet(self) -> tuple[float, float, int]:
         """Which next frames would change nothing but the frame count: those with a
         probability in [lo, hi) and a frame index below ``until``. A caller may skip pushing
         them (engine/lane.py does, for most frames) and seek() to the next frame it pushes."""
-        if self._pending >= 0 or (self._triggered and (not self._started or self._temp_end)):
-            return _NEVER_QUIET
-        if not self._triggered:  # silence: nothing happens below the threshold
-            return -math.inf, self._thr, _FOREVER
-        # Speech under way with no pause: nothing happens at or above neg_threshold until the
-        # frame whose sample passes max_speech (push's `cur - self._start > self._max_speech`).
-        if math.isinf(self._max_speech):
-            return self._neg, math.inf, _FOREVER
-        w, start, longest = self.frame_size, self._start, self._max_speech
-        until = max(0, math.floor((start + longest) / w))  # a guess, made exact below
-        while not until * w - start > longest:
-            until += 1
-        while until > 0 and (until - 1) * w - start > longest:
-            until -= 1
-        return self._neg, math.inf, until
+        lo, hi, until = K.quiet(self._state, self._limits)
+        return lo, hi, until
 
     def seek(self, frame: int) -> None:
         """The next push() is frame ``frame``: every frame skipped since the last push was
         quiet() (checked by the caller, not here)."""
-        self._frame = frame
+        self._state[K.FRAME] = frame
 
     def push(self, probability: float) -> tuple[SpeechEvent, ...]:
-        i = self._frame
-        self._frame = i + 1
-        cur = i * self.frame_size
-        speech = probability >= self._thr
-        events = _NO_EVENTS if self._pending < 0 else self._end_cut(i, speech)
-        if speech and self._temp_end:
-            sil = cur - self._temp_end
-            # Upstream keeps every pause and takes max() at the cut (first one
-            # wins ties); keeping only the longest gives the same answer in O(1).
-            if sil > self._min_sil_max and sil > self._best_dur:
-                self._best_end, self._best_dur = self._temp_end, sil
-            self._temp_end = 0
-        if not self._triggered:
-            if not speech:
-                return events
-            self._triggered, self._start = True, cur
-            return events + self._start_if_certain(i, cur)
-        if cur - self._start > self._max_speech:
-            events += self._cut(i, cur)
-            if not self._triggered:
-                return events
-        if probability < self._neg:
-            if not self._temp_end:
-                self._temp_end = cur
-            if cur - self._temp_end >= self._min_silence:
-                end = self._temp_end
-                if self._started or end - self._start > self._min_speech:
-                    events += self._close(i, int(end + self._pad))
-                self._triggered = False
-                self._temp_end = self._best_dur = 0
-                return events
-        return events if self._started else events + self._start_if_certain(i, cur)
+        return self._wrap(K.push(self._state, self._limits, probability, self._events))
 
     def finish(self, audio_length_samples: int) -> tuple[SpeechEvent, ...]:
-        n, i = audio_length_samples, self._frame - 1
-        if n < 0:
-            raise ValueError(f"audio_length_samples must be >= 0, got {n}")
-        events = _NO_EVENTS
-        if self._pending >= 0:  # nothing follows the cut: plain pad, clamped like offline
-            events = self._close(i, int(min(n, self._pending + self._pad)))
-        elif self._triggered and (self._started or n - self._start > self._min_speech):
-            events = self._close(i, n)  # offline ends it at n; min(n, n + pad) == n
-        self.reset()
-        return events
+        if audio_length_samples < 0:
+            raise ValueError(f"audio_length_samples must be >= 0, got {audio_length_samples}")
+        return self._wrap(K.finish(self._state, self._limits, audio_length_samples, self._events))
 
-    def _start_if_certain(self, i: int, cur: int) -> tuple[SpeechEvent, ...]:
-        # Earliest possible end: the pause under way, else the next frame's
-        # pause or finish(n > cur). Past min_speech from there, it stays.
-        if (self._temp_end or cur + 1) - self._start > self._min_speech:
-            return (self._emit_start(i),)
-        return _NO_EVENTS
-
-    def _emit_start(self, i: int) -> SpeechEvent:
-        self._started = True
-        self._last_start = max(int(max(0, self._start - self._pad)), self._last_end)
-        return SpeechEvent(EventKind.START, self._last_start, i)
-
-    def _close(self, i: int, end: int) -> tuple[SpeechEvent, ...]:
-        head = _NO_EVENTS if self._started else (self._emit_start(i),)
-        self._started = False
-        self._last_end = max(end, self._last_start)
-        return head + (SpeechEvent(EventKind.END, self._last_end, i),)
-
-    def _cut(self, i: int, cur: int) -> tuple[SpeechEvent, ...]:
-        # max_speech exceeded: offline keeps this segment whatever its length.
-        self._temp_end = 0
-        if not self._best_dur:  # no pause to cut at: cut here, END waits a frame
-            self._pending, self._triggered = cur, False
-            return _NO_EVENTS if self._started else (self._emit_start(i),)
-        end, dur = self._best_end, self._best_dur
-        self._best_dur = 0
-        # Upstream restarts iff `next_start < prev_end + cur_sample`, i.e.
-        # dur < cur: always in practice, but replicated rather than assumed.
-        restarts = dur < cur
-        events = self._close(i, end + dur // 2 if restarts and dur < 2 * self._pad
-                             else int(end + self._pad))
-        self._triggered, self._start = restarts, end + dur
-        return events
-
-    def _end_cut(self, i: int, speech: bool) -> tuple[SpeechEvent, ...]:
-        # Offline halves the gap to the next segment if it is under 2*pad: a
-        # one-frame gap if speech restarts now, else at least two frames.
-        cut, self._pending = self._pending, -1
-        w = self.frame_size
-        return self._close(i, cut + w // 2 if speech and w < 2 * self._pad
-                           else int(cut + min(self._pad, w)))
+    def _wrap(self, n: int) -> tuple[SpeechEvent, ...]:
+        if not n:
+            return _NO_EVENTS
+        return tuple(SpeechEvent(EventKind(kind), sample, frame) for kind, sample, frame in self._events[:n].tolist())
