@@ -87,7 +87,7 @@ class StreamTable:
         self.per_connection: Counter[bytes] = Counter()
         self.worker_load = [0] * n_workers
         self.counters: Counter[str] = Counter()
-        self.request_hist = [0] * N_BUCKETS  # arrival -> reply of audio chunks
+        self.request_hist = np.zeros(N_BUCKETS, np.int64)  # arrival -> reply of audio chunks
         self.request_s_total = 0.0
         self.drained_ns = time.monotonic_ns()  # the front-end last found its socket empty
 

@@ -85,7 +85,7 @@ def take_frame_set(table: StreamTable, identity: bytes, request_id: int, msg: by
     heads = np.ndarray((n, _HEAD_WORDS), "<u4", msg, base, (stride, 4))
     # Every item claiming the first one's size is what makes this walk the same as the
     # item-by-item parser's: item i's header is then at base + i * stride.
-    if not ((heads[:, 3] == nbytes).all() and (heads[:, 2] == dtype).all()):
+    if not kernels.uniform_items(heads, dtype, nbytes):
         return False
     ids = heads[:, 0].tolist()
     if len(set(ids)) != n:
@@ -131,14 +131,17 @@ def take_frames(table: StreamTable, frames: Frames) -> None:
     room = np.array([out.room_for(w, records.frames_record_bytes(n, width))
                      for w in range(len(table.worker_load))], np.bool_)
     arrived, verdict, keys = np.empty(n, np.int64), np.empty(n, np.int8), np.empty(n, np.int64)
-    going = kernels.admit(in_lane, slots, lane.audio_ns, lane.ns_per_sample, lane.clock_ns, lane.shed_after_ms,
-                          lane.worker, room, samples, now_ns, table.drained_ns, FRESH_NS, arrived, verdict, keys)
+    groups, counts = np.empty(n, np.int64), np.empty(n, np.int64)
+    going, n_groups = kernels.admit(in_lane, slots, lane.audio_ns, lane.ns_per_sample, lane.clock_ns,
+                                    lane.shed_after_ms, lane.worker, room, samples, now_ns, table.drained_ns, FRESH_NS,
+                                    arrived, verdict, keys, groups, counts)
     if going < n:
         turned_away = (verdict > kernels.GO).nonzero()[0]
         if len(turned_away):
             _turned_away(table, frames, slots, verdict, turned_away, arrived, context, now_ns)
     if going:
-        _send(table, frames, going, keys, slots, arrived, width, rate, now_ns)
+        _send(table, frames, going, keys, groups[:n_groups].tolist(), counts[:n_groups].tolist(), slots, arrived,
+              width, rate, now_ns)
     if going < n:
         for i in (verdict == kernels.NOT_IN_LANE).nonzero()[0].tolist():  # in arrival order
             msg, offset = frames.locate(i)
@@ -150,8 +153,8 @@ def take_frames(table: StreamTable, frames: Frames) -> None:
                             exc.code, str(exc))
 
 
-def _send(table: StreamTable, frames: Frames, going: int, keys: np.ndarray, slots: np.ndarray,
-          arrived: np.ndarray, width: int, rate: int, now_ns: int) -> None:
+def _send(table: StreamTable, frames: Frames, going: int, keys: np.ndarray, groups: list[int], counts: list[int],
+          slots: np.ndarray, arrived: np.ndarray, width: int, rate: int, now_ns: int) -> None:
     """The frames that go to the workers: one FRAME_SET record per (worker, shed deadline)."""
     lane = table.lane
     scale = _INT16_SCALE if frames.dtype == P.DType.INT16 else np.float32(0.0)
@@ -160,11 +163,7 @@ def _send(table: StreamTable, frames: Frames, going: int, keys: np.ndarray, slot
     request_ids = np.array(frames.request_ids, np.uint32)
     now_s = now_ns / 1e9
     out = table.out()
-    groups, counts = np.unique(keys, return_counts=True)
-    for key, count in zip(groups.tolist(), counts.tolist()):
-        if key < 0:
-            continue
-
+    for key, count in zip(groups, counts):
         def fill(meta: np.ndarray, audio: np.ndarray, key: int = key) -> int:
             return int(kernels.fill_frame_set(
                 key, keys, slots, frames.flat, stride, samples, scale, chunk_seqs, request_ids, arrived, now_s,
@@ -242,7 +241,8 @@ def warm_up() -> None:
     arrived, verdict, keys = np.zeros(n, np.int64), np.empty(n, np.int8), np.zeros(n, np.int64)
     in_lane[:] = False
     kernels.admit(in_lane, slots, lane.audio_ns, lane.ns_per_sample, lane.clock_ns, lane.shed_after_ms, lane.worker,
-                  np.ones(1, np.bool_), samples, 0, 0, 0, arrived, verdict, keys)
+                  np.ones(1, np.bool_), samples, 0, 0, 0, arrived, verdict, keys, np.empty(n, np.int64),
+                  np.empty(n, np.int64))
     # A stream's own calls of its speech-event machine (the lane's are compiled into answer).
     segmenter = SpeechSegmenter(VadParams(max_speech_duration_s=1.0), samples * 1000 // 32)
     for prob in (0.9, 0.9, math.nan, 0.1):
@@ -250,11 +250,13 @@ def warm_up() -> None:
     segmenter.quiet()
     segmenter.finish(4 * samples)
     # No stream is in this lane: nothing is answered, nothing goes out.
-    lane.answer(np.zeros(n, np.int64), slots, np.zeros(n, np.float32), cast("Outlet", None), [0] * N_BUCKETS)
+    lane.answer(np.zeros(n, np.int64), slots, np.zeros(n, np.float32), cast("Outlet", None),
+                np.zeros(N_BUCKETS, np.int64))
     ids = np.zeros(n, np.uint32)
     for dtype in (np.dtype(np.int16), np.dtype(np.float32)):
         item = P.AUDIO_ITEM.size + samples * dtype.itemsize
         message = bytes(P.HEADER.size + n * item)
+        kernels.uniform_items(np.ndarray((n, _HEAD_WORDS), "<u4", message, P.HEADER.size, (item, 4)), 0, 0)
         for flat in (np.frombuffer(message, dtype, n * samples, P.HEADER.size + P.AUDIO_ITEM.size),
                      np.frombuffer(message, dtype, n * samples)):
             kernels.fill_frame_set(0, keys, slots, flat, samples, samples, np.float32(0.0), ids, ids, arrived, 0.0,

@@ -31,7 +31,7 @@ import numpy as np
 
 from engine import lane_kernels as kernels
 from engine import vad_kernels as vad
-from engine.stats import BUCKETS_US, N_BUCKETS
+from engine.stats import BUCKETS_US
 from engine.streams import PendingChunk, Stream
 from engine.vad_events import SpeechSegmenter
 from transport import protocol as P
@@ -175,19 +175,18 @@ class Lane:
 
     # ---- results -----------------------------------------------------------------------------
     def answer(self, seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray, out: Outlet,
-               hist: list[int]) -> tuple[np.ndarray | None, int, float]:
+               hist: np.ndarray) -> tuple[np.ndarray | None, int, float]:
         """Answer every result of a lane stream that comes in order and was not shed: (the
         results left for the caller as a mask, or None if none are; frames answered; seconds
         their chunks waited, arrival to reply, summed into ``hist``)."""
         n = len(seqs)
         if n > len(self._mine):
             self._reply_buffers(n)
-        counts = np.zeros(N_BUCKETS, np.int64)
         count, n_events, waited = kernels.answer(
             seqs, slots, probs, self.on, self.expected_seq, self.samples_out, self.frame, self.frame_base,
             self.quiet_lo, self.quiet_hi, self.quiet_until, self.vad_state, self.vad_limits, self.stream_id,
             self.chunk_seq, self.conn, self.arrived_ns, _BUCKETS_S, time.monotonic(), self._words, self._floats,
-            self._mine, self._conns, self._scratch, self._events, counts)
+            self._mine, self._conns, self._scratch, self._events, hist)
         rest = None if count == n else ~self._mine[:n]
         if not count:
             return rest, 0, 0.0
@@ -196,9 +195,6 @@ class Lane:
             plain = self._answer_events(self._events[:n_events].tolist(), items, conns, out)
             items, conns = items[plain], conns[plain]
         self._queue(items, conns, out.queue_result)
-        for bucket, waits in enumerate(counts.tolist()):
-            if waits:
-                hist[bucket] += waits
         return rest, count, waited
 
     def _reply_buffers(self, n: int) -> None:

@@ -45,12 +45,13 @@ def lane_fits(fits: np.ndarray, slots: np.ndarray, on: np.ndarray, shape: np.nda
 def admit(in_lane: np.ndarray, slots: np.ndarray, audio_ns: np.ndarray, ns_per_sample: np.ndarray,
           clock_ns: np.ndarray, shed_after_ms: np.ndarray, worker: np.ndarray, room: np.ndarray, samples: int,
           now_ns: int, drained_ns: int, fresh_ns: int, arrived: np.ndarray, verdict: np.ndarray,
-          keys: np.ndarray) -> int:
+          keys: np.ndarray, groups: np.ndarray, counts: np.ndarray) -> tuple[int, int]:
     """Each lane item's arrival (StreamTable.arrival: its stream's audio clock moves on), and
     its verdict; ``keys[i]`` = worker << 32 | shed_after_ms, the record a GO item goes in
-    (-1 otherwise). Returns how many go."""
+    (-1 otherwise), and the records: ``groups[:g]`` their keys in order of first use,
+    ``counts[:g]`` their items. Returns (items that go, g)."""
     fresh = now_ns - drained_ns <= fresh_ns
-    going = 0
+    going = n_groups = 0
     for i in range(slots.shape[0]):
         keys[i] = -1
         if not in_lane[i]:
@@ -72,9 +73,28 @@ def admit(in_lane: np.ndarray, slots: np.ndarray, audio_ns: np.ndarray, ns_per_s
             verdict[i] = QUEUE_FULL if shed_after > 0 else REFUSED
         else:
             verdict[i] = GO
-            keys[i] = worker[s] << 32 | shed_after
+            key = worker[s] << 32 | shed_after
+            keys[i] = key
             going += 1
-    return going
+            g = 0  # a handful of records: one per worker, unless streams chose other deadlines
+            while g < n_groups and groups[g] != key:
+                g += 1
+            if g == n_groups:
+                groups[g] = key
+                counts[g] = 0
+                n_groups += 1
+            counts[g] += 1
+    return going, n_groups
+
+
+@compiled
+def uniform_items(heads: np.ndarray, dtype: int, nbytes: int) -> bool:
+    """Every AUDIO item header (rows of words: stream, chunk, dtype, nbytes) says ``dtype``
+    and ``nbytes``."""
+    for i in range(heads.shape[0]):
+        if heads[i, 2] != dtype or heads[i, 3] != nbytes:
+            return False
+    return True
 
 
 @compiled

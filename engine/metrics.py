@@ -66,7 +66,7 @@ def collect_stats(daemon: Daemon) -> dict[str, Any]:
         "histogram_bounds_us": [float(b) for b in BUCKETS_US],
         "queue_hist": queue_hist,
         "compute_hist": compute_hist,
-        "request_hist": list(table.request_hist),
+        "request_hist": table.request_hist.tolist(),
         "request_s_total": table.request_s_total,
         "counters": counters,
         "workers": workers,
