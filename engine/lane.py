@@ -182,19 +182,18 @@ class Lane:
         n = len(seqs)
         if n > len(self._mine):
             self._reply_buffers(n)
-        count, n_events, waited = kernels.answer(
+        plain, evented, n_events, waited = kernels.answer(
             seqs, slots, probs, self.on, self.expected_seq, self.samples_out, self.frame, self.frame_base,
             self.quiet_lo, self.quiet_hi, self.quiet_until, self.vad_state, self.vad_limits, self.stream_id,
-            self.chunk_seq, self.conn, self.arrived_ns, _BUCKETS_S, time.monotonic(), self._words, self._floats,
-            self._mine, self._conns, self._scratch, self._events, hist)
+            self.chunk_seq, self.conn, self.arrived_ns, _BUCKETS_S, time.monotonic(), self._words[:n],
+            self._floats[:n], self._mine, self._conns, self._scratch, self._events, hist)
+        count = plain + evented
         rest = None if count == n else ~self._mine[:n]
         if not count:
             return rest, 0, 0.0
-        items, conns = self._items[:count], self._conns[:count]
-        if n_events:
-            plain = self._answer_events(self._events[:n_events].tolist(), items, conns, out)
-            items, conns = items[plain], conns[plain]
-        self._queue(items, conns, out.queue_result)
+        if evented:
+            self._answer_events(self._events[:n_events].tolist(), out)
+        self._queue(self._items[:plain], self._conns[:plain], out.queue_result)
         return rest, count, waited
 
     def _reply_buffers(self, n: int) -> None:
@@ -206,18 +205,12 @@ class Lane:
         self._scratch = np.empty((vad.MAX_EVENTS, 3), np.int64)
         self._events = np.empty((n * vad.MAX_EVENTS, 4), np.int64)
 
-    def _answer_events(self, events: list[list[int]], items: np.ndarray, conns: np.ndarray,
-                       out: Outlet) -> np.ndarray:
-        """The items whose frame gave speech events (rows: item, kind, frame, sample) are
-        replied to here, alone, with their events. Returns which items are plain."""
-        plain = np.ones(len(items), np.bool_)
-        for j, rows in itertools.groupby(events, key=lambda row: row[0]):
-            item = items[j]
-            out.queue_result(self.identities[int(conns[j])], P.encode_result_item(
-                int(item["stream"]), int(item["chunk"]), int(item["first"]), item["prob"].tobytes(),
-                [(kind, frame, sample) for _, kind, frame, sample in rows], 0))
-            plain[j] = False
-        return plain
+    def _answer_events(self, events: list[list[int]], out: Outlet) -> None:
+        """Each item whose frame gave speech events (rows: item, kind, frame, sample) as its
+        own reply: the item (its event count set by the loop), then its events."""
+        for at, rows in itertools.groupby(events, key=lambda row: row[0]):
+            out.queue_result(self.identities[int(self._conns[at])], self._items[at:at + 1].tobytes() + b"".join(
+                [P.EVENT_ITEM.pack(kind, frame, sample) for _, kind, frame, sample in rows]))
 
     def _queue(self, items: np.ndarray, conns: np.ndarray, queue: Callable[[bytes, bytes], None]) -> None:
         """One bytes object of reply items per client (a gateway's whole record is one)."""

@@ -157,15 +157,19 @@ def answer(seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray, on: np.ndarra
            quiet_hi: np.ndarray, quiet_until: np.ndarray, vad_state: np.ndarray, vad_limits: np.ndarray,
            stream_id: np.ndarray, chunk_seq: np.ndarray, conn: np.ndarray, arrived_ns: np.ndarray,
            buckets_s: np.ndarray, now_s: float, words: np.ndarray, floats: np.ndarray, mine: np.ndarray,
-           conns: np.ndarray, scratch: np.ndarray, events: np.ndarray, hist: np.ndarray) -> tuple[int, int, float]:
+           conns: np.ndarray, scratch: np.ndarray, events: np.ndarray,
+           hist: np.ndarray) -> tuple[int, int, int, float]:
     """Lane.answer's loop: each result of a lane stream that comes in order and was not shed
-    (``mine[i]``) moves its stream on and becomes reply item j (``words``/``floats``: REPLY_ITEM
-    items as [n, 7] words, ``conns[j]`` its client). A frame that may move the stream's
-    speech-event machine (vad_kernels.quiet) is pushed through it; its events become rows
-    (j, kind, frame, sample) of ``events``. Each answered chunk's wait, arrival to now, goes
-    into ``hist`` (bisect_left over ``buckets_s``). Returns (items, event rows, seconds waited)."""
+    (``mine[i]``) moves its stream on and becomes a reply item (``words``/``floats``: REPLY_ITEM
+    items as [n, 7] words, ``conns`` their clients). A frame that may move the stream's
+    speech-event machine (vad_kernels.quiet) is pushed through it. Items without events fill
+    the buffers from the front, those with events from the back, their events counted in the
+    item and written as rows (item, kind, frame, sample) of ``events``. Each answered chunk's
+    wait, arrival to now, goes into ``hist`` (bisect_left over ``buckets_s``). Returns (items
+    without events, items with events, event rows, seconds waited)."""
     in_flight = chunk_seq.shape[1]
     j = n_events = 0
+    back = words.shape[0]
     waited = 0.0
     for i in range(seqs.shape[0]):
         s, seq, prob = slots[i], seqs[i], probs[i]
@@ -177,30 +181,36 @@ def answer(seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray, on: np.ndarra
         expected_seq[s] = seq + 1
         samples_out[s] += frame[s]
         first = seq - frame_base[s]
+        got = 0
         if not (quiet_lo[s] <= prob < quiet_hi[s] and first < quiet_until[s]):
             st, lim = vad_state[s], vad_limits[s]
             st[vad.FRAME] = first
             got = vad.push(st, lim, prob, scratch)
             quiet_lo[s], quiet_hi[s], quiet_until[s] = vad.quiet(st, lim)
+        if got:
+            back -= 1
+            at = back
             for e in range(got):
-                events[n_events, 0] = j
+                events[n_events, 0] = at
                 events[n_events, 1] = scratch[e, 0]  # kind
                 events[n_events, 2] = scratch[e, 2]  # frame
                 events[n_events, 3] = scratch[e, 1]  # sample
                 n_events += 1
-        words[j, 0] = stream_id[s]
-        words[j, 1] = chunk_seq[s, k]
-        words[j, 2] = first & 0xFFFFFFFF
-        words[j, 3] = first >> 32
-        words[j, 4] = 1
-        words[j, 5] = 0  # no events, no flags
-        floats[j, 6] = prob
-        conns[j] = conn[s]
+        else:
+            at = j
+            j += 1
+        words[at, 0] = stream_id[s]
+        words[at, 1] = chunk_seq[s, k]
+        words[at, 2] = first & 0xFFFFFFFF
+        words[at, 3] = first >> 32
+        words[at, 4] = 1
+        words[at, 5] = got  # events; no flags
+        floats[at, 6] = prob
+        conns[at] = conn[s]
         wait = now_s - arrived_ns[s, k] / 1e9
         waited += wait
         b = 0
         while b < buckets_s.shape[0] and buckets_s[b] < wait:
             b += 1
         hist[b] += 1
-        j += 1
-    return j, n_events, waited
+    return j, words.shape[0] - back, n_events, waited
