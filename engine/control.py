@@ -21,6 +21,7 @@ import numpy as np
 from engine.frame_sets import take_frame_set
 from engine.stats import BUCKETS_US, N_BUCKETS
 from engine.lane import Lane
+from engine.slot_index import SlotIndex
 from engine.streams import FRESH_NS, PendingChunk, Stream
 from engine.vad_events import SpeechSegmenter, VadParams
 from transport import protocol as P
@@ -84,7 +85,9 @@ class StreamTable:
         self.slot_seq = [0] * max_streams  # next seq per slot; never reused, see worker.py
         self.free_slots = list(range(max_streams - 1, -1, -1))
         self.quarantine: list[tuple[int, int, int]] = []  # (slot, worker, ring position)
-        self.per_connection: Counter[bytes] = Counter()
+        self.connections: dict[bytes, SlotIndex] = {}  # each client's open streams
+        self.slot_stamps = np.zeros(max_streams, np.int64)  # slot_index.lookup's marks
+        self.lookups = 0
         self.worker_load = [0] * n_workers
         self.counters: Counter[str] = Counter()
         self.request_hist = np.zeros(N_BUCKETS, np.int64)  # arrival -> reply of audio chunks
@@ -162,7 +165,8 @@ class StreamTable:
         key = (identity, stream_id)
         if key in self.streams:
             raise ProtocolError(ErrorCode.STREAM_EXISTS, f"stream {stream_id} is already open on this connection")
-        if self.per_connection[identity] >= self.max_per_connection:
+        streams = self.connections.get(identity)
+        if streams is not None and len(streams) >= self.max_per_connection:
             raise ProtocolError(ErrorCode.LIMIT, f"this connection already has {self.max_per_connection} "
                                 "open streams (max_streams_per_connection)")
         if not self.free_slots:
@@ -178,7 +182,7 @@ class StreamTable:
                         self.buffers[slot])
         stream.shed_after_ms = shed_after_ms
         self.streams[key] = self.by_slot[slot] = stream
-        self.per_connection[identity] += 1
+        self.connections.setdefault(identity, SlotIndex()).add(stream_id, slot)
         self.counters["streams_opened"] += 1
         reply = {"stream": stream_id, "sample_rate": rate, "frame_samples": stream.frame,
                  "dtype": dtype_name, "vad": vad_params.to_dict(), "max_message_bytes": self.max_message_bytes,
@@ -412,9 +416,10 @@ class StreamTable:
         del self.streams[(stream.identity, stream.stream_id)]
         self.by_slot[stream.slot] = None
         self.slot_seq[stream.slot] = stream.next_seq
-        self.per_connection[stream.identity] -= 1
-        if not self.per_connection[stream.identity]:
-            del self.per_connection[stream.identity]
+        streams = self.connections[stream.identity]
+        streams.remove(stream.stream_id)
+        if not streams:
+            del self.connections[stream.identity]
         self.worker_load[stream.worker] -= 1
         self.quarantine.append((stream.slot, stream.worker, -1))
         self.counters["streams_closed"] += 1

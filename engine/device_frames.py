@@ -77,6 +77,9 @@ class DeviceFrames:
                 repeated.add(i)
             seen.add(key)
         samples = len(pcm) // len(messages)
+        get = table.streams.get
+        slots = np.array([-1 if (stream := get(key)) is None else stream.slot for key in zip(identities, ids)],
+                         np.intp)
         take_frames(table, Frames(identities, [h[0] for h in heads], ids, [h[2] for h in heads],
                                   pcm, samples, samples, dtype, lambda i: (messages[i], _DEVICE_PCM),
-                                  frozenset(repeated)))
+                                  frozenset(repeated)), slots)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable, cast
 import numpy as np
 
 from engine import lane_kernels as kernels
+from engine import slot_index
 from engine.lane import IN_FLIGHT, Lane, shape_key
 from engine.stats import N_BUCKETS
 from engine.streams import FRESH_NS, PendingChunk, Stream
@@ -71,8 +72,8 @@ class Frames:
 
 def take_frame_set(table: StreamTable, identity: bytes, request_id: int, msg: bytes) -> bool:
     """Take ``msg`` (an AUDIO message) in bulk; False if it has not the frame-set shape and
-    nothing of it was used. A message that names a stream twice, or whose items differ in
-    size, is not taken here."""
+    nothing of it was used. A message that names an open stream twice, or whose items differ
+    in size, or a client with no stream open, is not taken here."""
     base = P.HEADER.size
     if len(msg) - base < MIN_ITEMS * P.AUDIO_ITEM.size:
         return False
@@ -87,29 +88,32 @@ def take_frame_set(table: StreamTable, identity: bytes, request_id: int, msg: by
     # item-by-item parser's: item i's header is then at base + i * stride.
     if not kernels.uniform_items(heads, dtype, nbytes):
         return False
-    ids = heads[:, 0].tolist()
-    if len(set(ids)) != n:
+    streams = table.connections.get(identity)
+    if streams is None:
+        return False  # no stream open: every item is an error, from the item-by-item path
+    slots = np.empty(n, np.intp)
+    table.lookups += 1
+    if not slot_index.lookup(streams.ids, streams.slots, heads[:, 0], table.slot_stamps, table.lookups, slots):
         return False
     np_dtype, samples = P.NUMPY_DTYPES[dtype], shape[1]
     step = stride // np_dtype.itemsize
     flat = np.frombuffer(msg, np_dtype, (n - 1) * step + samples, base + P.AUDIO_ITEM.size)
-    frames = Frames([identity] * n, [request_id] * n, ids, heads[:, 1].tolist(), flat, step, samples, dtype,
-                    lambda i: (msg, base + i * stride + P.AUDIO_ITEM.size))
-    take_frames(table, frames)
+    frames = Frames([identity] * n, [request_id] * n, heads[:, 0].tolist(), heads[:, 1].tolist(), flat, step,
+                    samples, dtype, lambda i: (msg, base + i * stride + P.AUDIO_ITEM.size))
+    take_frames(table, frames, slots)
     return True
 
 
-def take_frames(table: StreamTable, frames: Frames) -> None:
+def take_frames(table: StreamTable, frames: Frames, slots: np.ndarray) -> None:
     """Every frame of a lane stream (engine/lane.py) in bulk, one record per worker; then, in
-    order, the rest item by item."""
+    order, the rest item by item. ``slots[i]``: item i's stream's slot, -1 if it is not open
+    (intp; overwritten)."""
     pcm, dtype = frames.pcm, frames.dtype
     n, samples = pcm.shape
     rate, _ = table.frame_shapes[(dtype, samples * pcm.itemsize)]
     context = table.context_samples[rate]
     width = context + samples
-    lane, get = table.lane, table.streams.get
-    slots = np.array([-1 if (stream := get(key)) is None else stream.slot
-                      for key in zip(frames.identities, frames.ids)], np.intp)
+    lane = table.lane
     fits = slots >= 0
     if frames.held:
         fits[list(frames.held)] = False
@@ -256,7 +260,10 @@ def warm_up() -> None:
     for dtype in (np.dtype(np.int16), np.dtype(np.float32)):
         item = P.AUDIO_ITEM.size + samples * dtype.itemsize
         message = bytes(P.HEADER.size + n * item)
-        kernels.uniform_items(np.ndarray((n, _HEAD_WORDS), "<u4", message, P.HEADER.size, (item, 4)), 0, 0)
+        heads = np.ndarray((n, _HEAD_WORDS), "<u4", message, P.HEADER.size, (item, 4))
+        kernels.uniform_items(heads, 0, 0)
+        slot_index.lookup(np.arange(n, dtype=np.uint32), np.arange(n, dtype=np.int64), heads[:, 0],
+                          np.zeros(n, np.int64), 1, np.empty(n, np.intp))
         for flat in (np.frombuffer(message, dtype, n * samples, P.HEADER.size + P.AUDIO_ITEM.size),
                      np.frombuffer(message, dtype, n * samples)):
             kernels.fill_frame_set(0, keys, slots, flat, samples, samples, np.float32(0.0), ids, ids, arrived, 0.0,

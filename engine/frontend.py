@@ -232,8 +232,12 @@ class FrontEnd:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.wakeup_fd, zmq.POLLIN)
-        for link in self.links:
-            poller.register(link.out_ring.doorbell.fileno(), zmq.POLLIN)
+        doorbells = {link.out_ring.doorbell.fileno(): link.out_ring.doorbell for link in self.links}
+        for fd in doorbells:
+            poller.register(fd, zmq.POLLIN)
+        # Registered for good: a death wakes the loop at once, and housekeeping (which replaces
+        # the worker) runs before the next poll, so a dead sentinel never spins it.
+        sentinels = self._watch_sentinels(poller, [])
         spin_s = self.cfg.spin_us / 1e6
         spin = spin_s  # 0 while spinning does not pay (see below)
         last_work = last_housekeeping = time.monotonic()
@@ -245,6 +249,7 @@ class FrontEnd:
             now = time.monotonic()
             if now - last_housekeeping > _HOUSEKEEPING_S:
                 self.housekeeping(now)
+                sentinels = self._watch_sentinels(poller, sentinels)
                 last_housekeeping = now
             if work:
                 last_work = now
@@ -255,10 +260,7 @@ class FrontEnd:
                 for link in self.links:
                     link.out_ring.end_sleep()
                 continue
-            watched = [link.proc.sentinel for link in self.links]
-            for fd in watched:
-                poller.register(fd, zmq.POLLIN)
-            poller.poll(timeout=int(1000 * _HOUSEKEEPING_S * 4))
+            ready = poller.poll(timeout=int(1000 * _HOUSEKEEPING_S * 4))
             woke = time.monotonic()
             # Poll returns as soon as a message is ready: whatever is queued now arrived just now.
             self.table.drained_ns = time.monotonic_ns()
@@ -266,12 +268,24 @@ class FrontEnd:
             # microseconds apart are caught by spinning, a gateway's every few milliseconds are
             # not, and ~2,400 empty turns a second cost it ~1 us of CPU per frame.
             spin = spin_s if woke - now < _SPIN_PAYS * spin_s else 0.0
-            for fd in watched:
-                poller.unregister(fd)
             for link in self.links:
                 link.out_ring.end_sleep()
-                link.out_ring.doorbell.clear()
+            for fd, _ in ready:
+                if fd in doorbells:
+                    doorbells[fd].clear()
+                elif fd in sentinels:
+                    last_housekeeping = 0.0  # a worker died: replace it in the next turn
             last_work = woke
+
+    def _watch_sentinels(self, poller: zmq.Poller, watched: list[int]) -> list[int]:
+        """Poll the current workers' sentinels (a replaced worker has a new one)."""
+        current = [link.proc.sentinel for link in self.links]
+        if current != watched:
+            for fd in watched:
+                poller.unregister(fd)
+            for fd in current:
+                poller.register(fd, zmq.POLLIN)
+        return current
 
     def housekeeping(self, now: float) -> None:
         for index, link in enumerate(self.links):

@@ -57,7 +57,7 @@ def collect_stats(daemon: Daemon) -> dict[str, Any]:
         "versions": {"ringserve": _VERSION, "onnxruntime": onnxruntime.__version__, "protocol": 1},
         "endpoints": daemon.endpoints,
         "open_streams": len(table.streams),
-        "connections": len(table.per_connection),
+        "connections": len(table.connections),
         "frames": frames,
         "executions": executions,
         "avg_batch": round(frames / executions, 3) if executions else 0.0,
