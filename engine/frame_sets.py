@@ -31,7 +31,7 @@ import numpy as np
 
 from engine import lane_kernels as kernels
 from engine import slot_index
-from engine.lane import IN_FLIGHT, Lane, shape_key
+from engine.lane import IN_FLIGHT, REPLY_ITEM, Lane, shape_key
 from engine.stats import N_BUCKETS
 from engine.streams import FRESH_NS, PendingChunk, Stream
 from engine.vad_events import SpeechSegmenter, VadParams
@@ -253,6 +253,9 @@ def warm_up() -> None:
         segmenter.push(prob)
     segmenter.quiet()
     segmenter.finish(4 * samples)
+    reply = np.zeros((n, REPLY_ITEM.itemsize // 4), np.uint32)  # Lane._queue's grouping of reply items
+    kernels.by_client(np.arange(n, dtype=np.int64), reply, np.empty(n, np.int64), np.empty_like(reply),
+                      np.empty(n + 1, np.int64))
     # No stream is in this lane: nothing is answered, nothing goes out.
     lane.answer(np.zeros(n, np.int64), slots, np.zeros(n, np.float32), cast("Outlet", None),
                 np.zeros(N_BUCKETS, np.int64))

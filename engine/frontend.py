@@ -37,7 +37,7 @@ _MAX_RESTART_FAILURES = 5
 # costly messages (1,024 items each) must not hold every other stream's answers.
 _PUMP_NS = 2_000_000
 # Plain ints: pyzmq's flag enums cost an enum operation per call.
-_NOBLOCK, _RCVMORE = int(zmq.NOBLOCK), int(zmq.RCVMORE)
+_NOBLOCK, _RCVMORE, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
@@ -201,10 +201,14 @@ class FrontEnd:
         """Messages read, and when the socket was found empty (0: it was not)."""
         recv, handle, clock = self.router.recv, self.table.on_message, time.monotonic_ns
         collect, flush, counters = self.device_frames.offer, self.device_frames.flush, self.counters
+        events: Callable[[int], int] = self.router.get  # type: ignore[assignment]  # EVENTS is an int
         stop_at = clock() + _PUMP_NS
         for n in range(budget):
             if n and clock() > stop_at:
                 return n, 0
+            # Asked first: a recv that finds nothing raises, ~10 us on a busy front-end.
+            if not events(_EVENTS) & _POLLIN:
+                return n, clock()
             try:
                 identity = recv(_NOBLOCK)
             except zmq.Again:

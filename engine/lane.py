@@ -193,7 +193,7 @@ class Lane:
             return rest, 0, 0.0
         if evented:
             self._answer_events(self._events[:n_events].tolist(), out)
-        self._queue(self._items[:plain], self._conns[:plain], out.queue_result)
+        self._queue(plain, out.queue_result)
         return rest, count, waited
 
     def _reply_buffers(self, n: int) -> None:
@@ -202,6 +202,10 @@ class Lane:
         self._words = self._items.view(np.uint32).reshape(n, REPLY_ITEM.itemsize // 4)
         self._floats = self._items.view(np.float32).reshape(n, REPLY_ITEM.itemsize // 4)
         self._mine, self._conns = np.empty(n, np.bool_), np.empty(n, np.int64)
+        # The same, sorted by client, when a record answers several (kernels.by_client).
+        self._sorted_items = np.empty(n, REPLY_ITEM)
+        self._sorted_words = self._sorted_items.view(np.uint32).reshape(n, REPLY_ITEM.itemsize // 4)
+        self._sorted_conns, self._bounds = np.empty(n, np.int64), np.empty(n + 1, np.int64)
         self._scratch = np.empty((vad.MAX_EVENTS, 3), np.int64)
         self._events = np.empty((n * vad.MAX_EVENTS, 4), np.int64)
 
@@ -212,17 +216,17 @@ class Lane:
             out.queue_result(self.identities[int(self._conns[at])], self._items[at:at + 1].tobytes() + b"".join(
                 [P.EVENT_ITEM.pack(kind, frame, sample) for _, kind, frame, sample in rows]))
 
-    def _queue(self, items: np.ndarray, conns: np.ndarray, queue: Callable[[bytes, bytes], None]) -> None:
-        """One bytes object of reply items per client (a gateway's whole record is one)."""
-        if not len(items):
+    def _queue(self, plain: int, queue: Callable[[bytes, bytes], None]) -> None:
+        """The first ``plain`` reply items as one bytes object per client (a gateway's whole
+        record is one)."""
+        if not plain:
             return
-        if (conns == conns[0]).all():
-            queue(self.identities[int(conns[0])], items.tobytes())
+        words, conns = self._words[:plain], self._conns[:plain]
+        runs = kernels.by_client(conns, words, self._sorted_conns, self._sorted_words, self._bounds)
+        if runs == 1:
+            queue(self.identities[int(conns[0])], self._items[:plain].tobytes())
             return
-        order = np.argsort(conns, kind="stable")
-        items, conns = items[order], conns[order]
-        starts = np.flatnonzero(np.diff(conns)) + 1
-        blob, size = items.tobytes(), REPLY_ITEM.itemsize
-        bounds = [0, *starts.tolist(), len(items)]
+        blob, size = self._sorted_items[:plain].tobytes(), REPLY_ITEM.itemsize
+        bounds, conn_of = self._bounds[:runs + 1].tolist(), self._sorted_conns[:plain]
         for a, b in zip(bounds, bounds[1:]):
-            queue(self.identities[int(conns[a])], blob[a * size:b * size])
+            queue(self.identities[int(conn_of[a])], blob[a * size:b * size])

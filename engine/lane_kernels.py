@@ -88,6 +88,33 @@ def admit(in_lane: np.ndarray, slots: np.ndarray, audio_ns: np.ndarray, ns_per_s
 
 
 @compiled
+def by_client(conns: np.ndarray, words: np.ndarray, out_conns: np.ndarray, out_words: np.ndarray,
+              bounds: np.ndarray) -> int:
+    """Reply items grouped by client, in order within each: 1 if every item is one client's
+    (nothing copied), else the groups' count k, the items copied to ``out_words`` sorted by
+    client (``out_conns``) and group g being items ``bounds[g]:bounds[g + 1]``."""
+    n = conns.shape[0]
+    same = True
+    for i in range(1, n):
+        if conns[i] != conns[0]:
+            same = False
+            break
+    if same:
+        return 1
+    order = np.argsort(conns, kind="mergesort")
+    k = 0
+    for j in range(n):
+        i = order[j]
+        out_conns[j] = conns[i]
+        out_words[j] = words[i]
+        if j == 0 or out_conns[j] != out_conns[j - 1]:
+            bounds[k] = j
+            k += 1
+    bounds[k] = n
+    return k
+
+
+@compiled
 def uniform_items(heads: np.ndarray, dtype: int, nbytes: int) -> bool:
     """Every AUDIO item header (rows of words: stream, chunk, dtype, nbytes) says ``dtype``
     and ``nbytes``."""
