@@ -41,6 +41,7 @@ ringserve and to the per-frame server), bench/load_ledger.py (the frame accounti
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import signal
 from multiprocessing.connection import Connection
@@ -88,7 +89,12 @@ def load_main(index: int, audio_dir: str, conn: Connection, nice: int = 0) -> No
             run = None
             try:
                 run = LoadRun(cmd[1], files, ctx, conn)
-                conn.send(("ready", run.open()))
+                opened = run.open()
+                # A full collection during the point (~13 ms: numba's objects) would stall every
+                # stream's sends and receives and read as the engine's latency.
+                gc.collect()
+                gc.freeze()
+                conn.send(("ready", opened))
                 cmd = conn.recv()
                 if cmd[0] == "go":
                     run.run(int(cmd[1]))
@@ -113,5 +119,7 @@ def load_main(index: int, audio_dir: str, conn: Connection, nice: int = 0) -> No
                     if send_exc.errno != errno.EPIPE:
                         raise
                     return
+            finally:
+                gc.unfreeze()  # the point's objects may be collected once it is over
     finally:
         ctx.term()

@@ -13,7 +13,7 @@ compiled, engine/lane_kernels.py):
   object per client. The speech-event machine (engine/vad_kernels.py) moves in the same loop,
   and only for the frames that could move it (``quiet``: in silence, a probability under the
   threshold changes nothing; in speech, one at or over neg_threshold); a frame that gives
-  events gets its reply item built in Python, alone.
+  events gets a reply item of its own, its events appended in Python.
 
 A stream joins the lane (``promote``) when its Stream object has nothing pending. Whatever
 else touches it — a partial frame, RESET or CLOSE, a shed or refused frame, an error, expiry,

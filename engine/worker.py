@@ -14,6 +14,7 @@ input state and gives the same result; the front-end drops the duplicate by ``se
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -225,6 +226,7 @@ def worker_main(cfg: WorkerConfig, in_bell: Doorbell, out_bell: Doorbell,
     log.info("model loaded and warmed up (pid %d, provider %s, max batch %d)", os.getpid(), model.provider,
              cfg.max_batch)
     worker = Worker(cfg, model, in_ring, out_ring, states, done, stats)  # before READY: it sets the stats' gauge
+    gc.freeze()  # the imports' objects out of every full collection (engine/daemon.py says why)
     ready_conn.send(("ready", {"pid": os.getpid(), "provider": model.provider}))
     ready_conn.close()
     worker.serve(death_conn.fileno())
