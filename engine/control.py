@@ -310,9 +310,7 @@ class StreamTable:
     def on_results(self, seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray) -> None:
         """One RESULTS record's frames (seq int64, slot intp, prob float32). Those of lane
         streams in order are answered in bulk (engine/lane.py); the rest here, frame by frame."""
-        rest, answered, waited = self.lane.answer(seqs, slots, probs, self.out(), self.request_hist)
-        self.counters["frames_out"] += answered
-        self.request_s_total += waited
+        rest = self.answer_lane(seqs, slots, probs)
         if rest is None:
             return
         slots = slots[rest]
@@ -321,6 +319,13 @@ class StreamTable:
             assert stream is not None
             self.lane.demote(stream)
         self._on_results(seqs[rest].tolist(), slots.tolist(), probs[rest].tolist())
+
+    def answer_lane(self, seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray) -> np.ndarray | None:
+        """Results of lane streams that come in order answered in bulk (Lane.answer); returns the
+        rest as a mask, or None if there is none."""
+        rest, waited = self.lane.answer(seqs, slots, probs, self.out(), self.request_hist, self.counters)
+        self.request_s_total += waited
+        return rest
 
     def _on_results(self, seqs: list[int], slots: list[int], probs: list[float]) -> None:
         """Results of streams outside the lane. The common one, which answers a one-frame audio
@@ -356,8 +361,8 @@ class StreamTable:
                 item = pack_item(stream.stream_id, chunk.chunk_seq, first, 1, 0, 0) + pack_prob(prob)
             queue(stream.identity, item)
             answered += 1
-            if chunks and chunks[0].end_seq <= stream.expected_seq:  # a RESET, CLOSE or frameless chunk behind it
-                self.complete_chunks(stream)
+            if chunks and (chunks[0].end_seq <= stream.expected_seq or chunks[0].unsent):
+                self.complete_chunks(stream)  # a RESET, CLOSE, frameless or unsent chunk behind it
         self.counters["frames_out"] += answered
         self.request_s_total += waited
 
@@ -382,8 +387,15 @@ class StreamTable:
             self.complete_chunks(stream)
 
     def complete_chunks(self, stream: Stream) -> None:
-        while stream.chunks and stream.chunks[0].end_seq <= stream.expected_seq:
-            chunk = stream.chunks.popleft()
+        while stream.chunks:
+            chunk = stream.chunks[0]
+            if chunk.unsent and chunk.end_seq == stream.expected_seq + 1:  # its turn: answered, shed
+                chunk.events.extend((e.kind, e.frame, e.sample) for e in stream.on_result(math.nan))
+                self.counters["frames_shed"] += 1
+                self.counters["frames_out"] += 1
+            if chunk.end_seq > stream.expected_seq:
+                break
+            stream.chunks.popleft()
             first = chunk.first_frame if chunk.first_frame >= 0 else stream.expected_seq - stream.frame_base
             flags = P.ResultFlag.SHED if chunk.shed else 0
             if chunk.kind == "reset":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Callable, cast
 
 import numpy as np
@@ -33,7 +34,7 @@ from engine import lane_kernels as kernels
 from engine import slot_index
 from engine.lane import IN_FLIGHT, REPLY_ITEM, Lane, shape_key
 from engine.stats import N_BUCKETS
-from engine.streams import FRESH_NS, PendingChunk, Stream
+from engine.streams import FRESH_NS
 from engine.vad_events import SpeechSegmenter, VadParams
 from transport import protocol as P
 from transport import records
@@ -139,10 +140,8 @@ def take_frames(table: StreamTable, frames: Frames, slots: np.ndarray) -> None:
     going, n_groups = kernels.admit(in_lane, slots, lane.audio_ns, lane.ns_per_sample, lane.clock_ns,
                                     lane.shed_after_ms, lane.worker, room, samples, now_ns, table.drained_ns, FRESH_NS,
                                     arrived, verdict, keys, groups, counts)
-    if going < n:
-        turned_away = (verdict > kernels.GO).nonzero()[0]
-        if len(turned_away):
-            _turned_away(table, frames, slots, verdict, turned_away, arrived, context, now_ns)
+    if going < n and (verdict > kernels.GO).any():
+        _turned_away(table, frames, slots, verdict, arrived, context, now_ns)
     if going:
         _send(table, frames, going, keys, groups[:n_groups].tolist(), counts[:n_groups].tolist(), slots, arrived,
               width, rate, now_ns)
@@ -179,58 +178,36 @@ def _send(table: StreamTable, frames: Frames, going: int, keys: np.ndarray, grou
     table.counters["frames_in_frame_sets"] += going
 
 
-def _turned_away(table: StreamTable, frames: Frames, slots: np.ndarray, verdict: np.ndarray, items: np.ndarray,
-                 arrived: np.ndarray, context: int, now_ns: int) -> None:
-    """Lane frames that do not go to a worker: shed at intake (late, or their worker's queue
-    is full), or refused (a stream that asked never to be shed, whose worker's queue is full).
-    ``items``: their indices into ``frames`` (and ``slots``, ``verdict``, ``arrived``)."""
-    shed = []
-    for i in items.tolist():
-        stream = table.by_slot[int(slots[i])]
-        assert stream is not None
-        if verdict[i] == kernels.REFUSED:
-            table.counters["frames_refused_overloaded"] += 1
-            table.error(frames.identities[i], frames.request_ids[i], frames.ids[i], frames.chunk_seqs[i],
-                        ErrorCode.OVERLOADED,
-                        "the engine is overloaded: this chunk was not used; retry later, or add workers")
-            continue
-        if verdict[i] == kernels.QUEUE_FULL:
-            table.counters["frames_shed_queue_full"] += 1
-        table.lane.demote(stream)
-        shed.append((i, stream, int(arrived[i])))
-    if shed:
-        _shed(table, shed, frames, _INT16_SCALE if frames.dtype == P.DType.INT16 else None, now_ns / 1e9, context)
-
-
-def _model_inputs(buffers: np.ndarray, slots: np.ndarray, frames: np.ndarray, scale: np.float32 | None,
-                  out: np.ndarray) -> None:
-    """[context | frame] per stream into ``out``, and each stream's context moved on to its frame's end."""
-    context = out.shape[1] - frames.shape[1]
-    out[:, :context] = buffers[slots, :context]
-    if scale is None:
-        out[:, context:] = frames
-    else:
-        np.multiply(frames, scale, out=out[:, context:])
-    buffers[slots, :context] = out[:, -context:]
-
-
-def _shed(table: StreamTable, shed: list[tuple[int, Stream, int]], frames: Frames, scale: np.float32 | None,
-          now_s: float, context: int) -> None:
-    """Intake shedding, as StreamTable.audio_item does it: not run, but the audio still
-    becomes the context of the stream's next frame."""
-    pcm = frames.pcm
-    slots = np.array([stream.slot for _, stream, _ in shed], np.intp)
-    _model_inputs(table.buffers, slots, pcm[[i for i, _, _ in shed]], scale,
-                  np.empty((len(shed), context + pcm.shape[1]), np.float32))
-    for i, stream, arrived_ns in shed:
-        stream.samples_in += pcm.shape[1]
-        stream.last_active = now_s
-        chunk = PendingChunk(frames.chunk_seqs[i], frames.request_ids[i], stream.next_seq, arrived=arrived_ns / 1e9)
-        table.shed_at_intake(chunk, 1)
-        stream.chunks.append(chunk)
-        if chunk.end_seq <= stream.expected_seq:
-            table.complete_chunks(stream)
-    table.counters["frames_in"] += len(shed)
+def _turned_away(table: StreamTable, frames: Frames, slots: np.ndarray, verdict: np.ndarray, arrived: np.ndarray,
+                 context: int, now_ns: int) -> None:
+    """Lane frames that do not go to a worker. Shed at intake (late, or their worker's queue is
+    full), they stay in the lane: each takes its stream's next seq, unsent, and is answered,
+    shed, in its stream's order (kernels.hold_shed, Lane.answer), so an overload's shedding
+    costs no more per frame than serving. Refused (a stream that asked never to be shed, whose
+    worker's queue is full): an error each."""
+    lane, counters = table.lane, table.counters
+    n = len(slots)
+    late, full, refused = (int(np.count_nonzero(verdict == v)) for v in (kernels.LATE, kernels.QUEUE_FULL,
+                                                                           kernels.REFUSED))
+    for i in (verdict == kernels.REFUSED).nonzero()[0].tolist() if refused else ():
+        counters["frames_refused_overloaded"] += 1
+        table.error(frames.identities[i], frames.request_ids[i], frames.ids[i], frames.chunk_seqs[i],
+                    ErrorCode.OVERLOADED, "the engine is overloaded: this chunk was not used; retry later, or add workers")
+    if not late + full:
+        return
+    scale = _INT16_SCALE if frames.dtype == P.DType.INT16 else np.float32(0.0)
+    head_seqs, head_slots = np.empty(n, np.int64), np.empty(n, np.intp)
+    heads = kernels.hold_shed(verdict, slots, frames.flat, frames.stride, frames.pcm.shape[1], context, scale,
+                              np.array(frames.chunk_seqs, np.uint32), np.array(frames.request_ids, np.uint32),
+                              arrived, now_ns / 1e9, table.buffers, lane.next_seq, lane.expected_seq, lane.chunk_seq,
+                              lane.request_id, lane.arrived_ns, lane.unsent, lane.samples_in, lane.last_active,
+                              head_seqs, head_slots)
+    lane.n_unsent += late + full
+    counters["frames_in"] += late + full
+    counters["frames_shed_at_intake"] += late + full
+    counters["frames_shed_queue_full"] += full
+    if heads:
+        table.answer_lane(head_seqs[:heads], head_slots[:heads], np.full(heads, np.nan, np.float32))
 
 
 def warm_up() -> None:
@@ -258,7 +235,7 @@ def warm_up() -> None:
                       np.empty(n + 1, np.int64))
     # No stream is in this lane: nothing is answered, nothing goes out.
     lane.answer(np.zeros(n, np.int64), slots, np.zeros(n, np.float32), cast("Outlet", None),
-                np.zeros(N_BUCKETS, np.int64))
+                np.zeros(N_BUCKETS, np.int64), Counter())
     ids = np.zeros(n, np.uint32)
     for dtype in (np.dtype(np.int16), np.dtype(np.float32)):
         item = P.AUDIO_ITEM.size + samples * dtype.itemsize
@@ -274,3 +251,8 @@ def warm_up() -> None:
                                    lane.request_id, lane.arrived_ns, lane.fresh, lane.samples_in, lane.last_active,
                                    records.FLAG_FRESH, np.zeros((n, 4), np.uint32),
                                    np.zeros((n, context + samples), np.float32))
+            verdict[:] = kernels.NOT_IN_LANE  # nothing shed: compiled, nothing moves
+            kernels.hold_shed(verdict, slots, flat, samples, samples, context, np.float32(0.0), ids, ids, arrived, 0.0,
+                              np.zeros((n, context + samples), np.float32), lane.next_seq, lane.expected_seq,
+                              lane.chunk_seq, lane.request_id, lane.arrived_ns, lane.unsent, lane.samples_in,
+                              lane.last_active, np.empty(n, np.int64), np.empty(n, np.intp))

@@ -15,16 +15,24 @@ compiled, engine/lane_kernels.py):
   threshold changes nothing; in speech, one at or over neg_threshold); a frame that gives
   events gets a reply item of its own, its events appended in Python.
 
+Shedding stays in the lane: a frame the worker shed comes back NaN and is answered like any
+other, flagged SHED; a frame shed at intake (late, or its worker's queue full) takes its
+stream's next seq without going to a worker (``unsent``) and is answered, shed, right after
+the frame before it. An overload therefore costs the front-end no more per frame than
+serving does, and it keeps serving what the workers can run.
+
 A stream joins the lane (``promote``) when its Stream object has nothing pending. Whatever
-else touches it — a partial frame, RESET or CLOSE, a shed or refused frame, an error, expiry,
-its client leaving — first takes it out (``demote``): its counters go back to the Stream and
-its frames in flight become PendingChunks, the state the item-by-item code would have built.
+else touches it — a partial frame, RESET or CLOSE, a refused frame, an error, expiry, its
+client leaving — first takes it out (``demote``): its counters go back to the Stream and its
+frames in flight become PendingChunks, the state the item-by-item code would have built
+(an unsent frame one that StreamTable.complete_chunks answers when its turn comes).
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -46,6 +54,7 @@ _BUCKETS_S = np.array(BUCKETS_US, np.float64) / 1e6
 REPLY_ITEM = np.dtype([("stream", "<u4"), ("chunk", "<u4"), ("first", "<u8"), ("frames", "<u4"),
                        ("events", "<u2"), ("flags", "<u2"), ("prob", "<f4")])
 assert REPLY_ITEM.itemsize == P.RESULT_ITEM.size + 4
+_SHED = int(P.ResultFlag.SHED)
 
 
 # Stream fields the lane moves on while it holds the stream: copied in at promote, back at demote.
@@ -92,6 +101,10 @@ class Lane:
         self.chunk_seq = np.zeros((n, IN_FLIGHT), np.uint32)
         self.request_id = np.zeros((n, IN_FLIGHT), np.uint32)
         self.arrived_ns = np.zeros((n, IN_FLIGHT), np.int64)
+        # Frames shed at intake (frame_sets.take_frames): in flight with a seq, but never sent to a
+        # worker; each is answered, shed, right after the frame before it. ``n_unsent``: how many.
+        self.unsent = np.zeros((n, IN_FLIGHT), np.bool_)
+        self.n_unsent = 0
         # Client identities as small ints (reply items are grouped per client), reference-counted.
         self.identities: list[bytes] = []
         self.conn_of: dict[bytes, int] = {}
@@ -126,6 +139,7 @@ class Lane:
             self.chunk_seq[s, k] = chunk.chunk_seq
             self.request_id[s, k] = chunk.request_id
             self.arrived_ns[s, k] = round(chunk.arrived * 1e9)
+            self.unsent[s, k] = False
         stream.chunks.clear()
         self.on[s] = True
         for name in _CARRIED + _FIXED:
@@ -144,8 +158,13 @@ class Lane:
         stream.segmenter.seek(stream.expected_seq - stream.frame_base)
         for seq in range(stream.expected_seq, stream.next_seq):
             k = seq % IN_FLIGHT
+            unsent = bool(self.unsent[s, k])
             stream.chunks.append(PendingChunk(int(self.chunk_seq[s, k]), int(self.request_id[s, k]), seq + 1,
-                                              arrived=int(self.arrived_ns[s, k]) / 1e9))
+                                              arrived=int(self.arrived_ns[s, k]) / 1e9, shed=int(unsent),
+                                              unsent=unsent))
+            if unsent:
+                self.unsent[s, k] = False
+                self.n_unsent -= 1
         self._release_conn(stream.identity)
 
     def set_quiet(self, slot: int, segmenter: SpeechSegmenter) -> None:
@@ -174,27 +193,36 @@ class Lane:
             self.free_conns.append(conn)
 
     # ---- results -----------------------------------------------------------------------------
-    def answer(self, seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray, out: Outlet,
-               hist: np.ndarray) -> tuple[np.ndarray | None, int, float]:
-        """Answer every result of a lane stream that comes in order and was not shed: (the
-        results left for the caller as a mask, or None if none are; frames answered; seconds
-        their chunks waited, arrival to reply, summed into ``hist``)."""
+    def answer(self, seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray, out: Outlet, hist: np.ndarray,
+               counters: Counter[str]) -> tuple[np.ndarray | None, float]:
+        """Answer every result of a lane stream that comes in order, and the frames shed at intake
+        that follow each: (the results left for the caller as a mask, or None if none are;
+        seconds their chunks waited, arrival to reply, summed into ``hist``)."""
         n = len(seqs)
-        if n > len(self._mine):
-            self._reply_buffers(n)
-        plain, evented, n_events, waited = kernels.answer(
-            seqs, slots, probs, self.on, self.expected_seq, self.samples_out, self.frame, self.frame_base,
-            self.quiet_lo, self.quiet_hi, self.quiet_until, self.vad_state, self.vad_limits, self.stream_id,
-            self.chunk_seq, self.conn, self.arrived_ns, _BUCKETS_S, time.monotonic(), self._words[:n],
-            self._floats[:n], self._mine, self._conns, self._scratch, self._events, hist)
+        room = n + self.n_unsent  # reply items: one per result, one per frame shed at intake
+        if room > len(self._mine):
+            self._reply_buffers(room)
+        counts = self._counts
+        waited = kernels.answer(
+            seqs, slots, probs, self.on, self.expected_seq, self.next_seq, self.unsent, self.samples_out, self.frame,
+            self.frame_base, self.quiet_lo, self.quiet_hi, self.quiet_until, self.vad_state, self.vad_limits,
+            self.stream_id, self.chunk_seq, self.conn, self.arrived_ns, _BUCKETS_S, time.monotonic(), _SHED,
+            self._words[:room], self._floats[:room], self._mine[:n], self._conns[:room], self._scratch,
+            self._events, hist, counts)
+        plain, evented, n_events, shed, unsent, results = counts.tolist()
+        self.n_unsent -= unsent
         count = plain + evented
-        rest = None if count == n else ~self._mine[:n]
+        rest = None if results == n else ~self._mine[:n]
         if not count:
-            return rest, 0, 0.0
+            return rest, 0.0
+        counters["frames_out"] += count
+        if shed:
+            counters["frames_shed"] += shed
+            counters["frames_shed_in_worker"] += shed - unsent
         if evented:
             self._answer_events(self._events[:n_events].tolist(), out)
         self._queue(plain, out.queue_result)
-        return rest, count, waited
+        return rest, waited
 
     def _reply_buffers(self, n: int) -> None:
         """Room for the reply items of a results record of ``n`` frames (kernels.answer)."""
@@ -207,6 +235,7 @@ class Lane:
         self._sorted_words = self._sorted_items.view(np.uint32).reshape(n, REPLY_ITEM.itemsize // 4)
         self._sorted_conns, self._bounds = np.empty(n, np.int64), np.empty(n + 1, np.int64)
         self._scratch = np.empty((vad.MAX_EVENTS, 3), np.int64)
+        self._counts = np.zeros(6, np.int64)
         self._events = np.empty((n * vad.MAX_EVENTS, 4), np.int64)
 
     def _answer_events(self, events: list[list[int]], out: Outlet) -> None:

@@ -179,65 +179,128 @@ def fill_frame_set(key: int, keys: np.ndarray, slots: np.ndarray, flat: np.ndarr
 
 
 @compiled
-def answer(seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray, on: np.ndarray, expected_seq: np.ndarray,
-           samples_out: np.ndarray, frame: np.ndarray, frame_base: np.ndarray, quiet_lo: np.ndarray,
-           quiet_hi: np.ndarray, quiet_until: np.ndarray, vad_state: np.ndarray, vad_limits: np.ndarray,
-           stream_id: np.ndarray, chunk_seq: np.ndarray, conn: np.ndarray, arrived_ns: np.ndarray,
-           buckets_s: np.ndarray, now_s: float, words: np.ndarray, floats: np.ndarray, mine: np.ndarray,
-           conns: np.ndarray, scratch: np.ndarray, events: np.ndarray,
-           hist: np.ndarray) -> tuple[int, int, int, float]:
-    """Lane.answer's loop: each result of a lane stream that comes in order and was not shed
-    (``mine[i]``) moves its stream on and becomes a reply item (``words``/``floats``: REPLY_ITEM
-    items as [n, 7] words, ``conns`` their clients). A frame that may move the stream's
-    speech-event machine (vad_kernels.quiet) is pushed through it. Items without events fill
-    the buffers from the front, those with events from the back, their events counted in the
-    item and written as rows (item, kind, frame, sample) of ``events``. Each answered chunk's
-    wait, arrival to now, goes into ``hist`` (bisect_left over ``buckets_s``). Returns (items
-    without events, items with events, event rows, seconds waited)."""
+def hold_shed(verdict: np.ndarray, slots: np.ndarray, flat: np.ndarray, stride: int, n_samples: int, context: int,
+              scale: np.float32, chunk_seqs: np.ndarray, request_ids: np.ndarray, arrived: np.ndarray, now_s: float,
+              buffers: np.ndarray, next_seq: np.ndarray, expected_seq: np.ndarray, chunk_seq: np.ndarray,
+              request_id: np.ndarray, arrived_ns: np.ndarray, unsent: np.ndarray, samples_in: np.ndarray,
+              last_active: np.ndarray, head_seqs: np.ndarray, head_slots: np.ndarray) -> int:
+    """Shedding at intake without leaving the lane: each LATE or QUEUE_FULL item takes its
+    stream's next seq, in flight like a frame sent to a worker but marked ``unsent`` (answer
+    answers it, shed, once the frames before it are answered); its audio still becomes its
+    stream's context. Those with nothing before them in flight go to ``head_seqs`` /
+    ``head_slots``, to be answered now; returns their count."""
     in_flight = chunk_seq.shape[1]
-    j = n_events = 0
+    heads = 0
+    for i in range(slots.shape[0]):
+        if verdict[i] != LATE and verdict[i] != QUEUE_FULL:
+            continue
+        s = slots[i]
+        seq = next_seq[s]
+        next_seq[s] = seq + 1
+        k = seq % in_flight
+        chunk_seq[s, k] = chunk_seqs[i]
+        request_id[s, k] = request_ids[i]
+        arrived_ns[s, k] = arrived[i]
+        unsent[s, k] = True
+        samples_in[s] += n_samples
+        last_active[s] = now_s
+        kept, frame_in = buffers[s, :context], flat[i * stride:i * stride + n_samples]
+        gain = scale if scale else np.float32(1.0)
+        if n_samples >= context:
+            tail = frame_in[n_samples - context:]
+            for c in range(context):
+                kept[c] = tail[c] * gain
+        else:
+            for c in range(context - n_samples):
+                kept[c] = kept[c + n_samples]
+            for c in range(n_samples):
+                kept[context - n_samples + c] = frame_in[c] * gain
+        if expected_seq[s] == seq:
+            head_seqs[heads] = seq
+            head_slots[heads] = s
+            heads += 1
+    return heads
+
+
+@compiled
+def answer(seqs: np.ndarray, slots: np.ndarray, probs: np.ndarray, on: np.ndarray, expected_seq: np.ndarray,
+           next_seq: np.ndarray, unsent: np.ndarray, samples_out: np.ndarray, frame: np.ndarray,
+           frame_base: np.ndarray, quiet_lo: np.ndarray, quiet_hi: np.ndarray, quiet_until: np.ndarray,
+           vad_state: np.ndarray, vad_limits: np.ndarray, stream_id: np.ndarray, chunk_seq: np.ndarray,
+           conn: np.ndarray, arrived_ns: np.ndarray, buckets_s: np.ndarray, now_s: float, shed_flag: int,
+           words: np.ndarray, floats: np.ndarray, mine: np.ndarray, conns: np.ndarray, scratch: np.ndarray,
+           events: np.ndarray, hist: np.ndarray, counts: np.ndarray) -> float:
+    """Lane.answer's loop: each result of a lane stream that comes in order (``mine[i]``) moves
+    its stream on and becomes a reply item (``words``/``floats``: REPLY_ITEM items as [n, 7]
+    words, ``conns`` their clients); a NaN result (the worker shed the frame) is flagged
+    ``shed_flag``. The frames shed at intake that follow it in its stream (``unsent``: they
+    hold a seq but never went to a worker) are answered after it, as shed. A frame that may
+    move the stream's speech-event machine (vad_kernels.quiet) is pushed through it. Items
+    without events fill the buffers from the front, those with events from the back, their
+    events counted in the item and written as rows (item, kind, frame, sample) of ``events``.
+    Each answered chunk's wait, arrival to now, goes into ``hist`` (bisect_left over
+    ``buckets_s``). ``counts``: items without events, items with events, event rows, items
+    shed, of them unsent, results answered. Returns the seconds waited."""
+    in_flight = chunk_seq.shape[1]
+    j = n_events = n_shed = n_unsent = n_mine = 0
     back = words.shape[0]
     waited = 0.0
+    nan = np.float32(np.nan)
     for i in range(seqs.shape[0]):
         s, seq, prob = slots[i], seqs[i], probs[i]
-        if not (on[s] and expected_seq[s] == seq and prob == prob):
+        if not (on[s] and expected_seq[s] == seq):
             mine[i] = False
             continue
         mine[i] = True
-        k = seq % in_flight
-        expected_seq[s] = seq + 1
-        samples_out[s] += frame[s]
-        first = seq - frame_base[s]
-        got = 0
-        if not (quiet_lo[s] <= prob < quiet_hi[s] and first < quiet_until[s]):
-            st, lim = vad_state[s], vad_limits[s]
-            st[vad.FRAME] = first
-            got = vad.push(st, lim, prob, scratch)
-            quiet_lo[s], quiet_hi[s], quiet_until[s] = vad.quiet(st, lim)
-        if got:
-            back -= 1
-            at = back
-            for e in range(got):
-                events[n_events, 0] = at
-                events[n_events, 1] = scratch[e, 0]  # kind
-                events[n_events, 2] = scratch[e, 2]  # frame
-                events[n_events, 3] = scratch[e, 1]  # sample
-                n_events += 1
-        else:
-            at = j
-            j += 1
-        words[at, 0] = stream_id[s]
-        words[at, 1] = chunk_seq[s, k]
-        words[at, 2] = first & 0xFFFFFFFF
-        words[at, 3] = first >> 32
-        words[at, 4] = 1
-        words[at, 5] = got  # events; no flags
-        floats[at, 6] = prob
-        conns[at] = conn[s]
-        wait = now_s - arrived_ns[s, k] / 1e9
-        waited += wait
-        b = 0
-        while b < buckets_s.shape[0] and buckets_s[b] < wait:
-            b += 1
-        hist[b] += 1
-    return j, words.shape[0] - back, n_events, waited
+        n_mine += 1
+        while True:
+            k = seq % in_flight
+            expected_seq[s] = seq + 1
+            samples_out[s] += frame[s]
+            first = seq - frame_base[s]
+            got = 0
+            if not (quiet_lo[s] <= prob < quiet_hi[s] and first < quiet_until[s]):  # NaN: never quiet
+                st, lim = vad_state[s], vad_limits[s]
+                st[vad.FRAME] = first
+                got = vad.push(st, lim, prob, scratch)
+                quiet_lo[s], quiet_hi[s], quiet_until[s] = vad.quiet(st, lim)
+            if got:
+                back -= 1
+                at = back
+                for e in range(got):
+                    events[n_events, 0] = at
+                    events[n_events, 1] = scratch[e, 0]  # kind
+                    events[n_events, 2] = scratch[e, 2]  # frame
+                    events[n_events, 3] = scratch[e, 1]  # sample
+                    n_events += 1
+            else:
+                at = j
+                j += 1
+            flags = 0
+            if prob != prob:
+                flags = shed_flag
+                n_shed += 1
+            words[at, 0] = stream_id[s]
+            words[at, 1] = chunk_seq[s, k]
+            words[at, 2] = first & 0xFFFFFFFF
+            words[at, 3] = first >> 32
+            words[at, 4] = 1
+            words[at, 5] = got | flags << 16
+            floats[at, 6] = prob
+            conns[at] = conn[s]
+            wait = now_s - arrived_ns[s, k] / 1e9
+            waited += wait
+            b = 0
+            while b < buckets_s.shape[0] and buckets_s[b] < wait:
+                b += 1
+            hist[b] += 1
+            if unsent[s, k]:
+                unsent[s, k] = False
+                n_unsent += 1
+            seq += 1
+            if seq == next_seq[s] or not unsent[s, seq % in_flight]:
+                break
+            prob = nan
+    counts[0], counts[1], counts[2], counts[3], counts[4], counts[5] = (j, words.shape[0] - back, n_events, n_shed,
+                                                                      n_unsent, n_mine)
+    return waited

@@ -35,6 +35,9 @@ class PendingChunk:
     shed: int = 0  # frames of this chunk shed under overload (NaN probability)
     shed_at_intake: int = 0  # of those, frames the front-end shed without sending them to a worker
     arrived: float = 0.0  # time.monotonic() when the request arrived (estimated, see StreamTable.arrival)
+    # Its one frame holds a seq but was shed at intake in the lane (engine/lane.py) and never sent
+    # to a worker: no result comes for it; it is answered, shed, once the frames before it are.
+    unsent: bool = False
 
 
 class Stream:

@@ -514,6 +514,86 @@ def test_a_full_worker_queue_sheds_or_refuses_a_gateways_frames() -> None:
     assert _counter_delta(before, after, "frames_refused_overloaded") == refused
 
 
+def _reference_with_shed_frames(session: Any, audio: np.ndarray, shed: np.ndarray) -> np.ndarray:
+    """Frame-by-frame onnxruntime, as upstream's OnnxWrapper runs it, except that a shed frame
+    is not run: its probability is NaN and the state passes it by, but its samples still become
+    the context of the next frame (the policy docs/reliability.md states)."""
+    state, context = np.zeros((2, 1, 128), np.float32), np.zeros(64, np.float32)
+    sr = np.array(16000, np.int64)
+    probs = np.full(len(shed), np.nan, np.float32)
+    for k in range(len(shed)):
+        x = np.concatenate([context, audio[k * 512:(k + 1) * 512]])[None, :]
+        if not shed[k]:
+            out, state = session.run(None, {"input": x, "state": state, "sr": sr})
+            probs[k] = out.reshape(-1)[0]
+        context = x[0, -64:]
+    return probs
+
+
+def test_frames_shed_at_intake_leave_the_rest_of_each_stream_exact(tmp_path: Path) -> None:
+    """A gateway floods one slow worker with real speech on 48 streams until its queue is full,
+    so that some of each stream's frames are shed at intake, between frames that run. Each
+    stream still gets one result per frame, in order, numbered frame by frame, and every frame
+    that ran has the probability frame-by-frame onnxruntime gives when the shed frames are
+    skipped (state passed on, their audio kept as context)."""
+    import onnxruntime as ort
+
+    from tests.silero_reference import silero_model_path
+    from tests.speech_audio import read_wav, speech_wav
+
+    streams, messages = 48, 90
+    speech, _ = read_wav(speech_wav(tmp_path))
+    speech = speech.reshape(len(speech), -1)[:, 0]
+    starts = np.linspace(0, len(speech) - messages * 512, streams).astype(int)
+    audio = [speech[start:start + messages * 512] for start in starts]
+    daemon = spawn_daemon("--workers", "1", "--max-batch", "1", "--ring-mib", "1", "--shed-after-ms", "60000")
+    try:
+        sock = _socket(daemon.endpoint)
+        _open(sock, 1, streams, {})
+        for m in range(messages):
+            sock.send(P.encode_audio(m, [(sid, m + 1, DType.INT16, (audio[sid - 1][m * 512:(m + 1) * 512] * 32768)
+                                          .clip(-32768, 32767).astype("<i2").tobytes())
+                                         for sid in range(1, streams + 1)]))
+        got: dict[int, list[tuple[int, int, bool, float]]] = {sid: [] for sid in range(1, streams + 1)}
+        deadline = time.monotonic() + 120
+        while sum(map(len, got.values())) < streams * messages:
+            assert time.monotonic() < deadline, f"{sum(map(len, got.values()))} of {streams * messages} answered"
+            if not sock.poll(1000):
+                continue
+            msg = sock.recv()
+            assert P.parse_header(msg)[0] == MsgType.RESULTS, msg[:64]
+            offset = P.HEADER.size
+            while offset < len(msg):
+                sid, chunk, first, n_frames, n_events, flags = P.RESULT_ITEM.unpack_from(msg, offset)
+                offset += P.RESULT_ITEM.size
+                prob = float(np.frombuffer(msg, "<f4", 1, offset)[0])
+                offset += 4 * n_frames + P.EVENT_ITEM.size * n_events
+                assert n_frames == 1 and bool(flags & P.ResultFlag.SHED) == math.isnan(prob)
+                got[sid].append((chunk, first, math.isnan(prob), prob))
+        sock.close(0)
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(silero_model_path()), options, providers=["CPUExecutionProvider"])
+    pcm16 = [(a * 32768).clip(-32768, 32767).astype(np.int16).astype(np.float32) / 32768 for a in audio]
+    shed_streams, worst = 0, 0.0
+    for sid, results in got.items():
+        assert [chunk for chunk, _, _, _ in results] == list(range(1, messages + 1)), sid
+        assert [first for _, first, _, _ in results] == list(range(messages)), sid
+        shed = np.array([was_shed for _, _, was_shed, _ in results])
+        shed_streams += bool(shed.any() and not shed.all() and not shed[shed.argmax():].all())
+        expected = _reference_with_shed_frames(session, pcm16[sid - 1], shed)
+        probs = np.array([prob for _, _, _, prob in results], np.float32)
+        ran = ~shed
+        worst = max(worst, float(np.abs(probs[ran] - expected[ran]).max(initial=0.0)))
+    print(f"{streams} streams x {messages} frames: {sum(s for r in got.values() for _, _, s, _ in r)} shed; "
+          f"{shed_streams} streams ran frames after shed ones; max |diff| {worst:.2e}")
+    assert shed_streams >= streams // 4, "too few streams had frames run after shed ones to show anything"
+    assert worst <= 1e-5
+
+
 if __name__ == "__main__":
     task, kwargs, out_path = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     tasks: dict[str, Callable[..., dict[str, Any]]] = {"measure_capacity": measure_capacity, "paced_load": paced_load}
