@@ -125,6 +125,19 @@ def uniform_items(heads: np.ndarray, dtype: int, nbytes: int) -> bool:
 
 
 @compiled
+def _take_seq(s: int, next_seq: np.ndarray, chunk_seq: np.ndarray, request_id: np.ndarray, arrived_ns: np.ndarray,
+              its_chunk_seq: int, its_request_id: int, its_arrival: int) -> int:
+    """Stream slot ``s``'s next seq, its chunk's ids and arrival kept in flight; returns the seq."""
+    seq = next_seq[s]
+    next_seq[s] = seq + 1
+    k = seq % chunk_seq.shape[1]
+    chunk_seq[s, k] = its_chunk_seq
+    request_id[s, k] = its_request_id
+    arrived_ns[s, k] = its_arrival
+    return seq
+
+
+@compiled
 def fill_frame_set(key: int, keys: np.ndarray, slots: np.ndarray, flat: np.ndarray, stride: int, n_samples: int,
                    scale: np.float32,
                    chunk_seqs: np.ndarray, request_ids: np.ndarray, arrived: np.ndarray, now_s: float,
@@ -138,19 +151,13 @@ def fill_frame_set(key: int, keys: np.ndarray, slots: np.ndarray, flat: np.ndarr
     input [context | frame] (int16 scaled by ``scale``; 0: float32 taken as is); each stream's
     context moves on to its frame's end. Returns the earliest arrival among them."""
     context = audio.shape[1] - n_samples
-    in_flight = chunk_seq.shape[1]
     j = 0
     earliest = 1 << 62
     for i in range(slots.shape[0]):
         if keys[i] != key:
             continue
         s = slots[i]
-        seq = next_seq[s]
-        next_seq[s] = seq + 1
-        k = seq % in_flight
-        chunk_seq[s, k] = chunk_seqs[i]
-        request_id[s, k] = request_ids[i]
-        arrived_ns[s, k] = arrived[i]
+        seq = _take_seq(s, next_seq, chunk_seq, request_id, arrived_ns, chunk_seqs[i], request_ids[i], arrived[i])
         earliest = min(earliest, arrived[i])
         meta[j, 0] = seq & 0xFFFFFFFF
         meta[j, 1] = seq >> 32
@@ -195,13 +202,8 @@ def hold_shed(verdict: np.ndarray, slots: np.ndarray, flat: np.ndarray, stride: 
         if verdict[i] != LATE and verdict[i] != QUEUE_FULL:
             continue
         s = slots[i]
-        seq = next_seq[s]
-        next_seq[s] = seq + 1
-        k = seq % in_flight
-        chunk_seq[s, k] = chunk_seqs[i]
-        request_id[s, k] = request_ids[i]
-        arrived_ns[s, k] = arrived[i]
-        unsent[s, k] = True
+        seq = _take_seq(s, next_seq, chunk_seq, request_id, arrived_ns, chunk_seqs[i], request_ids[i], arrived[i])
+        unsent[s, seq % in_flight] = True
         samples_in[s] += n_samples
         last_active[s] = now_s
         kept, frame_in = buffers[s, :context], flat[i * stride:i * stride + n_samples]
