@@ -88,8 +88,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     load.add_argument("--tick-ms", type=float, default=4.0, help="gateway shape: one message per tick (default 4)")
     load.add_argument("--window", type=int, default=2, help="max pace: chunks in flight per stream (default 2)")
     load.add_argument("--load-procs", type=_load_procs, default=None, metavar="auto|K",
-                      help="load-generator processes (default auto: ~250 device streams or ~1000 gateway "
-                      "streams per process, at most one per CPU)")
+                      help="load-generator processes (default auto: ~250 device streams per process, at most "
+                      "one per CPU; gateway: one process per gateway connection, each holding up to the "
+                      "engine's max_streams_per_connection)")
     load.add_argument("--device-link", choices=("zmtp", "libzmq"), default="zmtp",
                       help="device shape: how the load processes hold one connection per stream; zmtp: plain "
                       "sockets speaking ZeroMQ's wire protocol, one send and one recv per frame, as a device's "

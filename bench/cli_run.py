@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.nice:
             _nice_session(args.nice, stack, report, say)
         endpoint, workers, alive = _start_target(args, stack, report, curve, say)
+        settings = _engine_limits(settings, endpoint, curve, report, say)
         say(f"engine at {endpoint}; {report['machine']['cpus']} CPUs, onnxruntime {report['machine']['onnxruntime']}, "
             f"load average {report['machine']['loadavg'][0]:.2f}")
         fleet = stack.enter_context(LoadFleet(args.audio, nice=args.nice))
@@ -176,6 +177,22 @@ def _per_frame_baseline(report: dict[str, Any], args: argparse.Namespace, common
 
         measure_target(report, args, server.endpoint, "per-frame", "device",
                        {**common, "pids": {"server": [server.pid]}}, None, server_alive, say)
+
+
+def _engine_limits(settings: PointSettings, endpoint: str, curve: tuple[str, ...] | None, report: dict[str, Any],
+                   say: Callable[[str], None]) -> PointSettings:
+    """The engine's admission limits (STATS ``limits``), which the gateway load plans by;
+    a daemon too old to report them keeps the settings' default."""
+    stats = _remote_stats(endpoint, curve)
+    limits = stats.get("limits") if stats else None
+    if not isinstance(limits, dict) or not isinstance(limits.get("max_streams_per_connection"), int):
+        say(f"the engine did not report its limits: gateway connections hold at most "
+            f"{settings.streams_per_connection} streams each")
+        return settings
+    report["target"]["limits"] = limits
+    settings = replace(settings, streams_per_connection=limits["max_streams_per_connection"])
+    report["settings"] = asdict(settings)
+    return settings
 
 
 def _remote_stats(endpoint: str, curve: tuple[str, ...] | None) -> dict[str, Any] | None:

@@ -58,7 +58,7 @@ def _measure_point(endpoint: str, streams: int, *, target: str, shape: str, pace
                    pids: dict[str, list[int]] | None, progress: Callable[[dict[str, Any]], None] | None,
                    on_window: Callable[[dict[str, Any]], None] | None, unopened: int, open_params: dict[str, Any],
                    alive: Callable[[], None] | None) -> PointResult:
-    n_procs = s.load_procs or auto_load_procs(streams, shape)
+    n_procs = s.load_procs or auto_load_procs(streams, shape, s.streams_per_connection)
     n_procs = max(1, min(n_procs, streams))
     procs = fleet.ensure(n_procs)
     plans = point_plans(endpoint, streams, n_procs, target=target, shape=shape, pace=pace, s=s, curve=curve,

@@ -28,6 +28,9 @@ class PointSettings:
     timeout_ms: float = 2000.0  # a chunk without a reply for this long is lost (timed out)
     window: int = 2  # max pace: chunks in flight per stream
     load_procs: int | None = None  # None: auto
+    # gateway shape: the most streams one connection may hold (the engine's
+    # max_streams_per_connection, read from its STATS); a load process is one gateway connection
+    streams_per_connection: int = 1024
     device_link: str = "zmtp"  # device shape: plain sockets speaking ZMTP (bench/load_zmtp.py) or "libzmq"
     seed: int = 1
     throughput_min: float = 0.98  # a passing point achieves this share of the needed frames/s

@@ -39,7 +39,8 @@ SETTING_HELP = {
     "max_message_bytes": "largest client message accepted",
     "max_items_per_message": "most audio items (chunks) one AUDIO message may hold; a message with more "
                              "is refused whole",
-    "max_streams_per_connection": "streams one connection may hold",
+    "max_streams_per_connection": "streams one connection may hold (a gateway holds all of its own on one; "
+                                  "lower it where several tenants share a daemon)",
     "max_in_flight_frames": "frames one stream may have queued in the engine, and chunks it may have "
                             "awaiting results",
     "idle_timeout_s": "close a stream that sent nothing for this long",

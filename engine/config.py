@@ -29,7 +29,9 @@ class ServeConfig:
     ready_timeout_s: float = 120.0
     max_message_bytes: int = 1 << 20
     max_items_per_message: int = 1024
-    max_streams_per_connection: int = 1024
+    # A gateway multiplexes all its microphones on one connection, so by default one may hold
+    # as many as the engine; lower it where several tenants share a daemon.
+    max_streams_per_connection: int = 4096
     max_in_flight_frames: int = 2048
     idle_timeout_s: float = 300.0
     shed_after_ms: int = 1000

@@ -19,6 +19,10 @@ try:
 except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
     _VERSION = "unknown"
 
+# Admission limits a client or a load generator may need to plan by (engine/config.py).
+LIMITS = ("max_streams", "max_streams_per_connection", "max_items_per_message", "max_message_bytes",
+          "max_in_flight_frames")
+
 
 def collect_stats(daemon: Daemon) -> dict[str, Any]:
     frontend = daemon.frontend
@@ -70,4 +74,5 @@ def collect_stats(daemon: Daemon) -> dict[str, Any]:
         "request_s_total": table.request_s_total,
         "counters": counters,
         "workers": workers,
+        "limits": {key: getattr(daemon.cfg, key) for key in LIMITS},
     }

@@ -362,3 +362,29 @@ def test_the_compiled_gateway_tick_carries_each_streams_next_audio(audio_dir: Pa
         link.shutdown()
         router.close(0)
         ctx.term()
+
+
+def test_a_gateway_connection_holds_as_many_streams_as_the_engine_allows(audio_dir: Path, tmp_path: Path) -> None:
+    """The bench reads the engine's limits from STATS and gives each gateway connection (one
+    load process) as many streams as max_streams_per_connection allows, no more: 10 streams on
+    an engine that allows 4 per connection are three gateways, every stream opened, nothing lost."""
+    from engine.cli import main
+    from tests.conftest import spawn_daemon
+
+    assert replay.auto_load_procs(1280, "gateway", 4096) == 1
+    assert replay.auto_load_procs(1280, "gateway", 1024) == 2
+    daemon = spawn_daemon("--workers", "1", "--max-streams-per-connection", "4")
+    try:
+        out_json = tmp_path / "bench.json"
+        code = main(["bench", "--endpoint", daemon.endpoint, "--audio", str(audio_dir), "--shape", "gateway",
+                     "--streams", "10", "--quick", "--window-s", "0.5", "--warmup-s", "0.5", "--max-point-s", "1",
+                     "--json", str(out_json), "--quiet"])
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    assert code == 0
+    report = json.loads(out_json.read_text())
+    assert report["target"]["limits"]["max_streams_per_connection"] == 4
+    assert report["settings"]["streams_per_connection"] == 4
+    point = report["points"][-1]["point"]
+    assert point["load_procs"] == 3 and point["streams_opened"] == 10 and point["open_failures"] == {}
+    assert point["sent"] == point["answered"] > 0 and point["lost"] == 0

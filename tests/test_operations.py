@@ -382,6 +382,8 @@ def test_status_command_table_and_json(ops: HttpEngine) -> None:
     for worker in stats["workers"]:
         assert re.search(rf"^  {worker['index']}\s+{worker['pid']}\s+\S+ExecutionProvider\s+yes\s", out, re.M), out
     assert stats["frames"] >= 20 and stats["executions"] >= 1
+    assert stats["limits"] == {"max_streams": 4096, "max_streams_per_connection": 4096, "max_items_per_message": 1024,
+                               "max_message_bytes": 1 << 20, "max_in_flight_frames": 2048}, stats["limits"]
 
 
 def test_status_not_ready_while_a_worker_is_replaced(ops: HttpEngine, capsys: pytest.CaptureFixture[str]) -> None:
