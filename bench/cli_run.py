@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with ExitStack() as stack:
         if args.nice:
             _nice_session(args.nice, stack, report, say)
-        endpoint, workers, alive = _start_target(args, stack, report, curve, say)
-        settings = _engine_limits(settings, endpoint, curve, report, say)
+        endpoint, workers, alive, stats = _start_target(args, stack, report, curve, say)
+        settings = _engine_limits(settings, stats, report, say)
         say(f"engine at {endpoint}; {report['machine']['cpus']} CPUs, onnxruntime {report['machine']['onnxruntime']}, "
             f"load average {report['machine']['loadavg'][0]:.2f}")
         fleet = stack.enter_context(LoadFleet(args.audio, nice=args.nice))
@@ -118,9 +118,9 @@ def _nice_session(nice: int, stack: ExitStack, report: dict[str, Any], say: Call
 
 
 def _start_target(args: argparse.Namespace, stack: ExitStack, report: dict[str, Any], curve: tuple[str, ...] | None,
-                  say: Callable[[str], None]) -> tuple[str, int, Callable[[], None] | None]:
+                  say: Callable[[str], None]) -> tuple[str, int, Callable[[], None] | None, dict[str, Any] | None]:
     """Spawn the engine (stopped when ``stack`` closes) or check that the remote one answers:
-    (its endpoint, its worker count, a check that raises once a spawned engine died)."""
+    (its endpoint, its worker count, a check that raises once a spawned engine died, its STATS)."""
     alive: Callable[[], None] | None = None
     workers = args.workers
     if args.spawn_engine:
@@ -133,6 +133,7 @@ def _start_target(args: argparse.Namespace, stack: ExitStack, report: dict[str, 
         endpoint = daemon.endpoint(args.transport)
         alive = daemon.check_alive
         report["target"] = {"endpoint": endpoint, "spawned": True, "workers": workers, "serve_args": serve_args}
+        stats = _remote_stats(endpoint, curve)
     else:
         endpoint = args.endpoint
         report["target"] = {"endpoint": endpoint, "spawned": False}
@@ -143,7 +144,7 @@ def _start_target(args: argparse.Namespace, stack: ExitStack, report: dict[str, 
         report["target"].update({"workers": len(stats.get("workers", [])), "versions": stats.get("versions"),
                                  "daemon_pid": stats.get("pid")})
         workers = workers or len(stats.get("workers", [])) or 1
-    return endpoint, workers, alive
+    return endpoint, workers, alive, stats
 
 
 def _raw_ceiling(raw_runs: list[dict[str, Any]], workers: int) -> dict[str, Any]:
@@ -179,11 +180,10 @@ def _per_frame_baseline(report: dict[str, Any], args: argparse.Namespace, common
                        {**common, "pids": {"server": [server.pid]}}, None, server_alive, say)
 
 
-def _engine_limits(settings: PointSettings, endpoint: str, curve: tuple[str, ...] | None, report: dict[str, Any],
+def _engine_limits(settings: PointSettings, stats: dict[str, Any] | None, report: dict[str, Any],
                    say: Callable[[str], None]) -> PointSettings:
     """The engine's admission limits (STATS ``limits``), which the gateway load plans by;
     a daemon too old to report them keeps the settings' default."""
-    stats = _remote_stats(endpoint, curve)
     limits = stats.get("limits") if stats else None
     if not isinstance(limits, dict) or not isinstance(limits.get("max_streams_per_connection"), int):
         say(f"the engine did not report its limits: gateway connections hold at most "

@@ -96,7 +96,7 @@ def auto_load_procs(streams: int, shape: str, streams_per_connection: int = 1024
     needs costs the engine and the bench a message per connection per tick (measured: 1,152
     streams held on two connections, 1,280 on one)."""
     if shape == "gateway":
-        return max(1, min(-(-streams // max(1, streams_per_connection)), streams))
+        return max(1, -(-streams // max(1, streams_per_connection)))
     cpus = cpus or os.cpu_count() or 1
     return max(1, min(-(-streams // _DEVICE_STREAMS_PER_PROC), cpus, streams))
 

@@ -197,6 +197,7 @@ def hold_shed(verdict: np.ndarray, slots: np.ndarray, flat: np.ndarray, stride: 
     stream's context. Those with nothing before them in flight go to ``head_seqs`` /
     ``head_slots``, to be answered now; returns their count."""
     in_flight = chunk_seq.shape[1]
+    gain = scale if scale else np.float32(1.0)
     heads = 0
     for i in range(slots.shape[0]):
         if verdict[i] != LATE and verdict[i] != QUEUE_FULL:
@@ -207,7 +208,6 @@ def hold_shed(verdict: np.ndarray, slots: np.ndarray, flat: np.ndarray, stride: 
         samples_in[s] += n_samples
         last_active[s] = now_s
         kept, frame_in = buffers[s, :context], flat[i * stride:i * stride + n_samples]
-        gain = scale if scale else np.float32(1.0)
         if n_samples >= context:
             tail = frame_in[n_samples - context:]
             for c in range(context):
