@@ -91,11 +91,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                       help="load-generator processes (default auto: ~250 device streams per process, at most "
                       "one per CPU; gateway: one process per gateway connection, each holding up to the "
                       "engine's max_streams_per_connection)")
-    load.add_argument("--device-link", choices=("zmtp", "libzmq"), default="zmtp",
-                      help="device shape: how the load processes hold one connection per stream; zmtp: plain "
-                      "sockets speaking ZeroMQ's wire protocol, one send and one recv per frame, as a device's "
-                      "firmware would (default); libzmq: a pyzmq DEALER each, which costs the load processes "
-                      "about 1.7x the CPU per frame (--curve always uses libzmq)")
+    load.add_argument("--link", "--device-link", dest="link", choices=("zmtp", "libzmq"), default="zmtp",
+                      help="how the load processes hold their connections (one per stream, or a gateway's one); "
+                      "zmtp: plain sockets speaking ZeroMQ's wire protocol, one send and one recv per message, "
+                      "as a device's firmware would (default); libzmq: a pyzmq DEALER each, which costs the "
+                      "load processes about 1.7x the CPU per frame in the device shape (--curve always uses "
+                      "libzmq)")
     load.add_argument("--nice", type=int, default=0, metavar="N",
                       help="run every process the bench starts (spawned engine, baselines, load processes) at "
                       "niceness N, and, where the kernel groups processes by session (autogroup), this session's "

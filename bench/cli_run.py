@@ -27,7 +27,7 @@ def settings_from_args(args: argparse.Namespace) -> PointSettings:
     base = QUICK if args.quick else FULL
     changes: dict[str, Any] = {"chunk_frames": args.chunk_ms // 32, "tick_ms": args.tick_ms,
                                "timeout_ms": args.timeout_ms, "window": args.window, "load_procs": args.load_procs,
-                               "device_link": args.device_link}
+                               "link": args.link}
     for name in ("window_s", "warmup_s", "stable_windows", "max_point_s"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)

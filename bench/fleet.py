@@ -111,7 +111,7 @@ def point_plans(endpoint: str, streams: int, procs: int, *, target: str, shape: 
         count = streams // procs + (1 if i < streams % procs else 0)
         plans.append(LoadPlan(target=target, endpoint=endpoint, shape=shape, pace=pace, first_stream=first,
                               streams=count, chunk_frames=s.chunk_frames, window=s.window, tick_ms=s.tick_ms,
-                              timeout_ms=s.timeout_ms, window_s=s.window_s, seed=s.seed, curve=curve, device_link=s.device_link,
+                              timeout_ms=s.timeout_ms, window_s=s.window_s, seed=s.seed, curve=curve, link=s.link,
                               unopened_streams=unopened if i == 0 else 0, open_params=open_params))
         first += count + (unopened if i == 0 else 0)
     return plans

@@ -156,16 +156,14 @@ class GatewayLink(ZmqLink):
     def send_due(self, limit: int) -> int:
         """Every chunk due at or before ``limit``, in one message (more above
         GATEWAY_MSG_BYTES); returns when the next one is due."""
-        sock = self.socks[0]
         while self.state[2] <= limit:
             end, count = kernels.build_tick(self.state, limit, GATEWAY_MSG_BYTES, self.order, self.base, self.period,
                                             self.sids, self.pos, self.chunk_samples, self.file_samples,
                                             self.file_start, self.pcm, _INT16, self.out, self.out16, P.HEADER.size,
                                             self.tick_streams, self.tick_seqs, self.tick_due)
             now = time.monotonic_ns()
-            sock.send(memoryview(self.message)[:end], copy=True)
+            self._send_message(0, memoryview(self.message)[:end])
             self.gateway_ledger.sent_tick(count, self.tick_streams, self.tick_seqs, self.tick_due, now)
-            self.sent_socks.append(sock)
         return int(self.state[2])
 
     def _on_message(self, msg: bytes, now: int) -> None:

@@ -17,7 +17,7 @@ from bench.load_ledger import Ledger
 from bench.load_plan import FRAME_MS, LoadPlan
 from bench.load_tcp import PerFrameLink
 from bench.load_zmq import ZmqLink
-from bench.load_zmtp import ZmtpLink
+from bench.load_zmtp import ZmtpGatewayLink, ZmtpLink
 
 _HOUSEKEEPING_NS = 20_000_000
 
@@ -57,10 +57,11 @@ class LoadRun:
         if plan.shape == "gateway" and plan.pace == "realtime" and plan.target != "per-frame":
             self.ledger = GatewayLedger(plan.chunk_frames, plan.timeout_ms, self.n, plan.first_stream + 1,
                                         self.period_ns)
-            self.link = GatewayLink(plan, ctx, sid, plan.streams, audio, self.ledger, self._released)
+            gateway = ZmtpGatewayLink if plan.curve is None and plan.link == "zmtp" else GatewayLink
+            self.link = gateway(plan, ctx, sid, plan.streams, audio, self.ledger, self._released)
         elif plan.target == "per-frame":
             self.link = PerFrameLink(plan, sid, audio, self.ledger, self._released)
-        elif plan.shape == "device" and plan.curve is None and plan.device_link == "zmtp":
+        elif plan.shape == "device" and plan.curve is None and plan.link == "zmtp":
             self.link = ZmtpLink(plan, ctx, sid, plan.streams, audio, self.ledger, self._released)
         else:
             self.link = ZmqLink(plan, ctx, sid, plan.streams, audio, self.ledger, self._released)

@@ -25,6 +25,6 @@ class LoadPlan:
     window_s: float = 2.0
     seed: int = 1
     curve: tuple[str, str] | None = None  # (server public key file, client secret key file)
-    device_link: str = "zmtp"  # device shape without CURVE: "zmtp" (bench/load_zmtp.py) or "libzmq"
+    link: str = "zmtp"  # without CURVE: "zmtp" (plain sockets, bench/load_zmtp.py) or "libzmq" (DEALERs)
     unopened_streams: int = 0
     open_params: dict[str, Any] = field(default_factory=dict)

@@ -104,6 +104,12 @@ class ZmqLink:
     def _send_to(self, s: int, msg: bytes) -> None:
         self.socks[s].send(msg)
 
+    def _send_message(self, s: int, msg: bytes | memoryview) -> None:
+        """Send one AUDIO message on stream s's connection (the gateway's: any s)."""
+        sock = self.socks[s]
+        sock.send(msg, copy=True)
+        self.sent_socks.append(sock)
+
     def _wait(self, timeout_s: float) -> None:
         """Outside the paced loop: poll, then look at every socket (see _check_sent)."""
         self.poll(timeout_s)
@@ -128,28 +134,24 @@ class ZmqLink:
             if self.gateway_bytes >= GATEWAY_MSG_BYTES:
                 self.flush()
             return
-        sock = self.socks[s]
         msg = self._audio_message(s, seq)
         now = time.monotonic_ns()
-        sock.send(msg, copy=True)
+        self._send_message(s, msg)
         self.ledger.sent((sid << 32) | seq, now, due)
-        self.sent_socks.append(sock)
 
     def flush(self) -> None:
         """Gateway shape: one AUDIO message carrying every chunk queued since the last flush."""
         if not self.gateway_parts:
             return
-        sock = self.socks[0]
         msg = P.header(P.MsgType.AUDIO) + b"".join(self.gateway_parts)
         now = time.monotonic_ns()
-        sock.send(msg, copy=True)
+        self._send_message(0, msg)
         sent, sid = self.ledger.sent, self.sid
         for s, seq, due in self.gateway_due:
             sent((sid[s] << 32) | seq, now, due)
         self.gateway_parts = []
         self.gateway_due = []
         self.gateway_bytes = 0
-        self.sent_socks.append(sock)
 
     # ---- receiving -------------------------------------------------------------------------
     def poll(self, timeout_s: float) -> None:

@@ -1,12 +1,15 @@
-"""The device shape over plain sockets that speak ZMTP 3.0 (RFC 23, NULL mechanism), as a
-microcontroller's firmware would: one connection per stream, one frame per message.
+"""The load over plain sockets that speak ZMTP 3.0 (RFC 23, NULL mechanism), as a
+microcontroller's firmware would: in the device shape one connection per stream and one frame
+per message, in the gateway shape one connection carrying every stream.
 
 Why not libzmq here: a DEALER per stream costs the load process about as much per frame as
 the engine's whole front-end does (a mailbox command to libzmq's I/O thread on every send,
 a ZMQ_EVENTS check after it, each a few system calls; docs/benchmarks.md), and the bench
-shares the engine's cores. A plain socket costs one send() and one recv() per frame, as the
-per-frame baseline's load (bench/load_tcp.py) does. The engine sees the same bytes on the wire
-from either; ``--device-link libzmq`` keeps the DEALERs (and CURVE needs them).
+shares the engine's cores. A plain socket costs one send() and one recv() per message, as the
+per-frame baseline's load (bench/load_tcp.py) does; the gateway's one DEALER cost the load
+process ~0.4 us a frame more than its plain socket does (its I/O thread's wake-ups). The engine
+sees the same bytes on the wire from either; ``--link libzmq`` keeps the DEALERs (and CURVE
+needs them).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from bench.load_audio import StreamAudio
 from bench.load_ledger import Ledger
 from bench.load_plan import LoadPlan
 from bench.load_socket import Connection, Connections
+from bench.load_gateway import GatewayLedger, GatewayLink
 from bench.load_zmq import ZmqLink
 
 # Greeting: signature, version 3.0, mechanism NULL, as-server 0, filler (RFC 23 section 3).
@@ -41,7 +45,7 @@ def ready(socket_type: bytes) -> bytes:
     return command(b"READY", bytes([11]) + b"Socket-Type" + _PROPERTY_VALUE.pack(len(socket_type)) + socket_type)
 
 
-def message_frame(payload: bytes) -> bytes:
+def message_frame(payload: bytes | memoryview) -> bytes:
     """One frame, the last of its message."""
     if len(payload) < 256:
         return bytes([0, len(payload)]) + payload
@@ -104,45 +108,46 @@ class ZmtpConnection(Connection):
         return out
 
 
-class ZmtpLink(ZmqLink):
-    """The device shape of :class:`ZmqLink` without libzmq: replies go through the same
-    ``_on_message``, so accounting is identical."""
+def dial(endpoint: str) -> socket.socket:
+    """A connected plain socket to a ``tcp://`` or ``ipc://`` endpoint, its ZMTP handshake done."""
+    if endpoint.startswith("ipc://"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(30)
+        sock.connect(endpoint.removeprefix("ipc://"))
+    else:
+        host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    handshake(sock)
+    return sock
+
+
+class _ZmtpTransport(ZmqLink):
+    """A :class:`ZmqLink`'s connections as plain sockets: one per stream (device), or one for
+    every stream (gateway). Replies go through the same ``_on_message``, so accounting is
+    identical to libzmq's."""
 
     def __init__(self, plan: LoadPlan, ctx: zmq.Context, sid: list[int], n_open: int, audio: StreamAudio,
                  ledger: Ledger, released: Callable[[int], None]) -> None:
-        if plan.shape != "device" or plan.curve is not None:
-            raise ValueError("the ZMTP link speaks the device shape without CURVE")
+        if plan.curve is not None:
+            raise ValueError("the ZMTP link speaks the NULL mechanism only: CURVE needs libzmq")
         super().__init__(plan, ctx, sid, n_open, audio, ledger, released)
-        self.conns: list[ZmtpConnection] = []
+        self.conns: list[ZmtpConnection] = []  # stream s's connection
         self.connections = Connections()
 
     def _connect(self) -> None:
-        endpoint = self.plan.endpoint
-        for s in range(self.n):
-            if endpoint.startswith("ipc://"):
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(30)
-                sock.connect(endpoint.removeprefix("ipc://"))
-            else:
-                host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
-                sock = socket.create_connection((host.strip("[]"), int(port)), timeout=30)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            handshake(sock)
-            conn = ZmtpConnection(sock, s)
+        for s in range(self.n if not self.gateway else 1):
+            conn = ZmtpConnection(dial(self.plan.endpoint), s)
             self.conns.append(conn)
             self.connections.add(conn)
+        if self.gateway:
+            self.conns *= self.n
 
     def _send_to(self, s: int, msg: bytes) -> None:
         self.connections.send(self.conns[s], message_frame(msg))
 
-    def send(self, s: int, seq: int, due: int) -> None:
-        msg = self._audio_message(s, seq)
-        now = time.monotonic_ns()
-        self.connections.send(self.conns[s], _LONG_HEAD.pack(_FLAG_LONG, len(msg)) + msg)
-        self.ledger.sent((self.sid[s] << 32) | seq, now, due)
-
-    def flush(self) -> None:
-        """Nothing is batched on these connections."""
+    def _send_message(self, s: int, msg: bytes | memoryview) -> None:
+        self.connections.send(self.conns[s], message_frame(msg))
 
     def poll(self, timeout_s: float) -> None:
         closed = self.connections.poll(timeout_s, self._on_data)
@@ -161,3 +166,11 @@ class ZmtpLink(ZmqLink):
         self.connections.close()
         self.conns = []
         self.ep.close()
+
+
+class ZmtpLink(_ZmtpTransport):
+    """The device shape: one connection per stream, one frame per message."""
+
+
+class ZmtpGatewayLink(_ZmtpTransport, GatewayLink):
+    """The gateway shape: one connection carrying every stream, one message per tick."""

@@ -3,10 +3,10 @@
 A load process (``load_main``) lives for a whole bench run and replays one *point* at a time
 when its parent (bench/fleet.py, for bench/point.py) sends it a :class:`LoadPlan`. Per point it
 
-1. opens its streams: ``device`` shape = one connection per stream (a plain socket speaking
-   ZMTP, bench/load_zmtp.py, or with ``device_link="libzmq"`` a DEALER socket),
-   ``gateway`` shape = one DEALER socket carrying all of this process's streams; the
-   per-frame baseline server gets one TCP connection per stream (device shape only);
+1. opens its streams: ``device`` shape = one connection per stream, ``gateway`` shape = one
+   connection carrying all of this process's streams, each a plain socket speaking ZMTP
+   (bench/load_zmtp.py) or, with ``link="libzmq"`` or CURVE, a DEALER socket; the per-frame
+   baseline server gets one TCP connection per stream (device shape only);
 2. on ``go`` replays audio from WAV files (stream g loops file g mod n, from its own random
    frame-aligned offset), ``chunk_frames`` 512-sample frames per message:
 

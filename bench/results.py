@@ -31,7 +31,7 @@ class PointSettings:
     # gateway shape: the most streams one connection may hold (the engine's
     # max_streams_per_connection, read from its STATS); a load process is one gateway connection
     streams_per_connection: int = 1024
-    device_link: str = "zmtp"  # device shape: plain sockets speaking ZMTP (bench/load_zmtp.py) or "libzmq"
+    link: str = "zmtp"  # plain sockets speaking ZMTP (bench/load_zmtp.py) or "libzmq" (DEALERs)
     seed: int = 1
     throughput_min: float = 0.98  # a passing point achieves this share of the needed frames/s
 

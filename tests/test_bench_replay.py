@@ -106,14 +106,15 @@ def test_a_gateway_sends_one_message_per_tick(engine: DaemonProcess, fleet: Load
     assert point.lateness_p50_ms >= 0.25 * FAST.tick_ms  # waiting for the tick is part of the schedule error
 
 
-@pytest.mark.parametrize(("shape", "device_link"), [("device", "zmtp"), ("device", "libzmq"), ("gateway", "zmtp")])
+@pytest.mark.parametrize(("shape", "link"), [("device", "zmtp"), ("device", "libzmq"), ("gateway", "zmtp"),
+                                            ("gateway", "libzmq")])
 def test_refused_frames_are_counted_lost_with_their_code(engine: DaemonProcess, fleet: LoadFleet, shape: str,
-                                                         device_link: str) -> None:
+                                                         link: str) -> None:
     # Stream 3 is scheduled like the others but never opened: the engine answers each of its
     # frames with ERROR UNKNOWN_STREAM, which must show up as refused, not as answered or missing
     # (whether the load speaks ZMTP itself or through libzmq's DEALERs, or multiplexes its
     # streams as a gateway, whose ledger is bench/load_gateway.py's).
-    settings = dataclasses.replace(FAST, device_link=device_link)
+    settings = dataclasses.replace(FAST, link=link)
     point = measure_point(engine.endpoint, 2, shape=shape, duration_s=2.0, settings=settings, fleet=fleet,
                           unopened_streams=1)
     refused = point.refused.get("UNKNOWN_STREAM", 0)
@@ -316,16 +317,20 @@ def test_quiet_gate_waits_and_measures_a_noisy_failure_again(monkeypatch: pytest
     assert len(quiet_fail) == 1 and not quiet_fail[0].superseded
 
 
-def test_the_compiled_gateway_tick_carries_each_streams_next_audio(audio_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("link_name", ["zmtp", "libzmq"])
+def test_the_compiled_gateway_tick_carries_each_streams_next_audio(audio_dir: Path, tmp_path: Path,
+                                                                    link_name: str) -> None:
     # bench/load_kernels.py builds a tick's message; its items must be what the device path
     # sends (bench/load_audio.py): each stream's id, chunk seq and next chunk of its file, the
     # file looping, for several ticks (a 3.1 s file loops within 100 ticks of 32 ms), and no
-    # message holding more chunks than there are streams.
+    # message holding more chunks than there are streams; a libzmq ROUTER receives the same
+    # messages from the plain ZMTP socket as from a DEALER.
     import zmq
 
     from bench.load_audio import StreamAudio, load_audio
     from bench.load_gateway import GatewayLedger, GatewayLink
     from bench.load_plan import LoadPlan
+    from bench.load_zmtp import ZmtpGatewayLink
     from transport import protocol as P
 
     files, n, period = load_audio(audio_dir), 5, 32_000_000
@@ -334,8 +339,9 @@ def test_the_compiled_gateway_tick_carries_each_streams_next_audio(audio_dir: Pa
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.bind(plan.endpoint)
-    link = GatewayLink(plan, ctx, [11 + s for s in range(n)], n, StreamAudio(files, 10, n, 1, np.random.default_rng(3)),
-                       GatewayLedger(1, plan.timeout_ms, n, 11, period), lambda sid: None)
+    kind = ZmtpGatewayLink if link_name == "zmtp" else GatewayLink
+    link = kind(plan, ctx, [11 + s for s in range(n)], n, StreamAudio(files, 10, n, 1, np.random.default_rng(3)),
+                GatewayLedger(1, plan.timeout_ms, n, 11, period), lambda sid: None)
     try:
         link._connect()
         order = [3, 0, 4, 1, 2]
