@@ -94,18 +94,18 @@ class FrameQueue:
         each one's wait counted in ``queue_hist`` (engine/stats.py's buckets)."""
         audio = np.empty((n, width), np.float32)
         state = np.empty((n, self.states.shape[2]), np.float32)
-        queued_us = K.gather(self._f32, self.run, self.states, self._recs, started_ns, audio, state, BUCKETS_US,
-                             queue_hist.view(np.int64))
+        queued_us = K.gather(self._f32, self.run, self.states, self._done, self._recs, started_ns, audio, state,
+                             BUCKETS_US, queue_hist.view(np.int64))
         return audio, state, queued_us
 
     def put_results(self, new_state: np.ndarray, probs: np.ndarray, out: np.ndarray) -> None:
         """The run frames' new states and results (``out``: a RESULTS record's items)."""
-        K.put_results(self.run, self.states, np.ascontiguousarray(new_state, np.float32),
+        K.put_results(self.run, self.states, self._done, np.ascontiguousarray(new_state, np.float32),
                       np.ascontiguousarray(probs, np.float32), out)
 
     def put_shed(self, out: np.ndarray) -> None:
         """The stale frames' states carried over unchanged, their results NaN."""
-        K.put_shed(self.stale, self.states, out)
+        K.put_shed(self.stale, self.states, self._done, out)
 
     def finish(self, rows: np.ndarray) -> None:
         """After the results of ``rows`` are published: their states are committed, and the

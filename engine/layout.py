@@ -1,9 +1,9 @@
 """Where things live in shared memory; one place so the daemon and workers agree.
 
 Per worker, one segment: [input ring][output ring][WorkerStats]. Once for the engine, the
-state table: for every stream slot, two state buffers (double-buffered by frame parity,
-see transport/records.py) and a ``done`` counter: how many of the slot's frames have their
-state committed. The table outlives any worker, which is what lets a replacement worker
+state table: for every stream slot, two state buffers (double-buffered, see
+transport/records.py) and a ``done`` word: up to which seq the slot's frames have their state
+committed, and which buffer holds it (engine/worker_kernels.py). The table outlives any worker, which is what lets a replacement worker
 carry on a crashed worker's streams exactly.
 """
 

@@ -2,13 +2,13 @@
 
 Crash safety comes from the order of the four writes per batch (see docs/architecture.md):
 
-1. new states -> the state slot's *other* parity buffer (the one this frame does not read)
+1. new states -> the state slot's *other* buffer (the one this frame does not read)
 2. results    -> output ring (published)
-3. done[slot] = seq + 1
+3. done[slot] = (seq + 1, the buffer written in 1), one store (engine/worker_kernels.py)
 4. input ring space released, only for records whose every frame got past step 3
 
-A replacement worker re-reads every unreleased record and skips frames with
-``seq < done[slot]``. A frame that died between 1 and 3 runs again from the same, untouched
+A replacement worker re-reads every unreleased record and skips frames whose seq is below
+the one ``done[slot]`` holds. A frame that died between 1 and 3 runs again from the same, untouched
 input state and gives the same result; the front-end drops the duplicate by ``seq``.
 """
 

@@ -29,6 +29,21 @@ _KIND_FRAME_SET, _FLAG_FRESH = records.KIND_FRAME_SET, records.FLAG_FRESH
 NEVER = 1 << 62  # the due time of a frame that may not be shed
 
 
+# ``done[slot]`` packs two things into one word, so that one store commits both:
+# (seq + 1) << 1 for the slot's last frame whose state is committed (a replay after a crash
+# skips the frames before it), and the parity of the state buffer that state is in (the next
+# frame reads it and writes the other). The parity is not the seq's: the front-end numbers a
+# frame it sheds at intake but never sends it, so a stream's seqs can skip.
+@compiled
+def committed_seq(done: np.ndarray, slot: int | np.integer) -> int:
+    return done[slot] >> 1
+
+
+@compiled
+def current_parity(done: np.ndarray, slot: int | np.integer) -> int:
+    return done[slot] & 1
+
+
 @compiled
 def take_record(w32: np.ndarray, w64: np.ndarray, body: int, end: int, done: np.ndarray, rates: np.ndarray,
                 frame_ns: np.ndarray, st: np.ndarray, pending: np.ndarray, recs: np.ndarray, queued: np.ndarray,
@@ -63,7 +78,7 @@ def take_record(w32: np.ndarray, w64: np.ndarray, body: int, end: int, done: np.
     for i in range(count):
         m = (meta + i * _META_BYTES) >> 2
         seq, slot, flags = w64[m >> 1], np.int64(w32[m + 2]), np.int64(w32[m + 3])
-        if seq < done[slot]:
+        if seq < committed_seq(done, slot):
             continue
         row = pending[n]
         row[REC] = serial
@@ -145,7 +160,7 @@ def pick(st: np.ndarray, pending: np.ndarray, recs: np.ndarray, queued: np.ndarr
 
 
 @compiled
-def gather(f32: np.ndarray, run: np.ndarray, states: np.ndarray, recs: np.ndarray, started_ns: int,
+def gather(f32: np.ndarray, run: np.ndarray, states: np.ndarray, done: np.ndarray, recs: np.ndarray, started_ns: int,
            audio: np.ndarray, state: np.ndarray, buckets_us: np.ndarray, queue_hist: np.ndarray) -> float:
     """The batch's model inputs and states (zero for a stream's first frame: FRESH). How long
     each frame queued before the batch started goes into ``queue_hist`` (the first bucket
@@ -163,7 +178,7 @@ def gather(f32: np.ndarray, run: np.ndarray, states: np.ndarray, recs: np.ndarra
             for c in range(into.shape[0]):
                 into[c] = 0.0
         else:
-            held = states[row[SLOT], row[SEQ] & 1]
+            held = states[row[SLOT], current_parity(done, row[SLOT])]
             for c in range(into.shape[0]):
                 into[c] = held[c]
         waited_us = max(started_ns - recs[row[REC] % n_recs, ENQ], 0) / 1000.0
@@ -176,13 +191,13 @@ def gather(f32: np.ndarray, run: np.ndarray, states: np.ndarray, recs: np.ndarra
 
 
 @compiled
-def put_results(run: np.ndarray, states: np.ndarray, new_state: np.ndarray, probs: np.ndarray,
+def put_results(run: np.ndarray, states: np.ndarray, done: np.ndarray, new_state: np.ndarray, probs: np.ndarray,
                 out: np.ndarray) -> None:
-    """Each frame's new state into the buffer its next frame reads (parity ``seq + 1``), its
-    result into the RESULTS record."""
+    """Each frame's new state into the buffer it did not read (its next frame reads it once
+    ``finish`` commits it), its result into the RESULTS record."""
     for i in range(probs.shape[0]):
         row = run[i]
-        src, dst = new_state[i], states[row[SLOT], 1 - (row[SEQ] & 1)]
+        src, dst = new_state[i], states[row[SLOT], 1 - current_parity(done, row[SLOT])]
         for c in range(dst.shape[0]):
             dst[c] = src[c]
         item = out[i]
@@ -192,13 +207,13 @@ def put_results(run: np.ndarray, states: np.ndarray, new_state: np.ndarray, prob
 
 
 @compiled
-def put_shed(stale: np.ndarray, states: np.ndarray, out: np.ndarray) -> None:
+def put_shed(stale: np.ndarray, states: np.ndarray, done: np.ndarray, out: np.ndarray) -> None:
     """Shed frames: each stream's state passes through unchanged (as if the model never saw
     the frame), its result is NaN (the front-end reports it to the client as shed)."""
     nan = np.float32(np.nan)
     for i in range(out.shape[0]):
         row = stale[i]
-        parity = row[SEQ] & 1
+        parity = current_parity(done, row[SLOT])
         src, dst = states[row[SLOT], parity], states[row[SLOT], 1 - parity]
         if row[FRESH]:
             for c in range(dst.shape[0]):
@@ -214,11 +229,13 @@ def put_shed(stale: np.ndarray, states: np.ndarray, out: np.ndarray) -> None:
 
 @compiled
 def finish(rows: np.ndarray, done: np.ndarray, recs: np.ndarray, st: np.ndarray) -> int:
-    """Mark the frames' states committed (after their results are published) and return the
-    ring position up to which every record is answered, or -1 if that did not move."""
+    """Mark the frames' states committed (after their results are published: one store each,
+    the seq and the buffer that now holds the state) and return the ring position up to which
+    every record is answered, or -1 if that did not move."""
     n_recs = recs.shape[0]
     for i in range(rows.shape[0]):
-        done[rows[i, SLOT]] = rows[i, SEQ] + 1
+        slot = rows[i, SLOT]
+        done[slot] = ((rows[i, SEQ] + 1) << 1) | (1 - current_parity(done, slot))
         recs[rows[i, REC] % n_recs, LEFT] -= 1
     return released(recs, st)
 

@@ -96,7 +96,31 @@ def test_each_batch_takes_every_streams_oldest_frame_and_frees_the_ring(fx: Fixt
     assert fx.run_batch() == [(0, 2)]
     assert fx.queue.frames == 0 and fx.queue.streams == 0
     assert fx.ring.tail_position() == fx.ring.head_position()  # every record answered, released
-    assert fx.done.tolist()[:3] == [3, 2, 2]
+    # Committed: stream 0's frames up to seq 2, its state in buffer 1 (three frames from 0);
+    # streams 1 and 2 up to seq 1, in buffer 0 (engine/worker_kernels.py packs both in done).
+    assert fx.done.tolist()[:3] == [3 << 1 | 1, 2 << 1, 2 << 1]
+
+
+def test_a_stream_whose_seqs_skip_reads_the_state_its_last_frame_left(fx: Fixture) -> None:
+    # The front-end numbers a frame it sheds at intake but never sends it: stream 0's frame 1
+    # never comes, and frame 2 must read the state frame 0 wrote, whatever the seqs' parity.
+    fx.write(records.KIND_FRAMES, [(0, 0)], flags=records.FLAG_FRESH)
+    fx.queue.take()
+    n, _, rate = fx.queue.pick(0)
+    _, state, _ = fx.queue.gather(n, WIDTH[rate], 0, fx.hist)
+    assert (state == 0.0).all()
+    fx.queue.put_results(np.full((n, STATE), 5.0, np.float32), np.full(n, 0.5, np.float32),
+                         np.zeros(2, records.RESULT))
+    fx.queue.finish(fx.queue.run[:n])
+    for seq, expected in ((2, 5.0), (3, 6.0), (6, 7.0)):
+        fx.write(records.KIND_FRAMES, [(0, seq)])
+        fx.queue.take()
+        n, _, rate = fx.queue.pick(0)
+        _, state, _ = fx.queue.gather(n, WIDTH[rate], 0, fx.hist)
+        assert n == 1 and (state == expected).all(), (seq, state[0, :3])
+        fx.queue.put_results(np.full((n, STATE), expected + 1.0, np.float32), np.full(n, 0.5, np.float32),
+                             np.zeros(2, records.RESULT))
+        fx.queue.finish(fx.queue.run[:n])
 
 
 @pytest.mark.parametrize("fx", [2], indirect=True)
@@ -116,10 +140,10 @@ def test_streams_queued_longest_go_first_when_a_batch_is_full(fx: Fixture) -> No
 
 
 def test_frames_whose_state_is_committed_are_skipped_on_replay(fx: Fixture) -> None:
-    fx.done[0] = 2  # a crashed worker committed frames 0 and 1 of stream 0
+    fx.done[0] = 2 << 1  # a crashed worker committed frames 0 and 1 of stream 0
     fx.write(records.KIND_FRAMES, [(0, 0), (0, 1), (0, 2), (0, 3)])
     fx.write(records.KIND_FRAMES, [(1, 0), (1, 1)])
-    fx.done[1] = 2
+    fx.done[1] = 2 << 1
     assert fx.queue.take() == 4
     assert fx.queue.frames == 2
     assert fx.run_batch() == [(0, 2)]
@@ -138,9 +162,9 @@ def test_each_batch_holds_one_sample_rate(fx: Fixture) -> None:
 
 
 def test_late_frames_are_shed_their_state_carried_over(fx: Fixture) -> None:
-    fx.states[0, 1] = 7.0  # stream 0's state after its frame 0 (read by frame 1: parity 1)
+    fx.states[0, 1] = 7.0  # stream 0's state after its frame 0, in buffer 1
     fx.states[1] = 9.0  # a closed stream's leftovers in the slot stream 1 now has
-    fx.done[0] = 1
+    fx.done[0] = 1 << 1 | 1
     fx.write(records.KIND_FRAMES, [(0, 1), (0, 2)], enqueued_ns=1_000_000_000, shed_after_ms=100)
     fx.write(records.KIND_FRAMES, [(1, 0)], enqueued_ns=1_000_000_000, shed_after_ms=100, flags=records.FLAG_FRESH)
     fx.queue.take()
@@ -151,8 +175,8 @@ def test_late_frames_are_shed_their_state_carried_over(fx: Fixture) -> None:
     out = np.zeros(n_stale, records.RESULT)
     fx.queue.put_shed(out)
     assert np.isnan(out["prob"]).all() and out["slot"].tolist() == [0, 1] and out["seq"].tolist() == [1, 0]
-    assert (fx.states[0, 0] == 7.0).all()  # frame 2 reads parity 0: the state passed through
+    assert (fx.states[0, 0] == 7.0).all()  # frame 2 reads buffer 0: the state passed through
     assert (fx.states[1, 1] == 0.0).all()  # a fresh stream's shed frame leaves it at zero
     fx.queue.finish(fx.queue.stale[:n_stale])
-    assert fx.done.tolist()[:2] == [2, 1]
+    assert fx.done.tolist()[:2] == [2 << 1, 1 << 1 | 1]
     assert fx.run_batch(now_ns=1_110_000_000) == [(0, 2)]  # due at 1.132 s: runs

@@ -535,7 +535,9 @@ def test_frames_shed_at_intake_leave_the_rest_of_each_stream_exact(tmp_path: Pat
     so that some of each stream's frames are shed at intake, between frames that run. Each
     stream still gets one result per frame, in order, numbered frame by frame, and every frame
     that ran has the probability frame-by-frame onnxruntime gives when the shed frames are
-    skipped (state passed on, their audio kept as context)."""
+    skipped (state passed on, their audio kept as context). Each stream sits out every fifth
+    message at its own offset, so the runs of shed frames between frames that run differ in
+    length from stream to stream, odd and even (a frame shed at intake still takes a number)."""
     import onnxruntime as ort
 
     from tests.silero_reference import silero_model_path
@@ -545,19 +547,26 @@ def test_frames_shed_at_intake_leave_the_rest_of_each_stream_exact(tmp_path: Pat
     speech, _ = read_wav(speech_wav(tmp_path))
     speech = speech.reshape(len(speech), -1)[:, 0]
     starts = np.linspace(0, len(speech) - messages * 512, streams).astype(int)
-    audio = [speech[start:start + messages * 512] for start in starts]
+    sends = {sid: [m for m in range(messages) if (m + sid) % 5] for sid in range(1, streams + 1)}
+    frames = {sid: len(in_messages) for sid, in_messages in sends.items()}
+    audio = [speech[start:start + frames[sid] * 512] for sid, start in zip(sends, starts)]
     daemon = spawn_daemon("--workers", "1", "--max-batch", "1", "--ring-mib", "1", "--shed-after-ms", "60000")
     try:
         sock = _socket(daemon.endpoint)
         _open(sock, 1, streams, {})
+        sent = dict.fromkeys(sends, 0)
         for m in range(messages):
-            sock.send(P.encode_audio(m, [(sid, m + 1, DType.INT16, (audio[sid - 1][m * 512:(m + 1) * 512] * 32768)
-                                          .clip(-32768, 32767).astype("<i2").tobytes())
-                                         for sid in range(1, streams + 1)]))
+            items = []
+            for sid in (sid for sid in sends if (m + sid) % 5):
+                k = sent[sid]
+                sent[sid] = k + 1
+                pcm = (audio[sid - 1][k * 512:(k + 1) * 512] * 32768).clip(-32768, 32767).astype("<i2")
+                items.append((sid, k + 1, DType.INT16, pcm.tobytes()))
+            sock.send(P.encode_audio(m, items))
         got: dict[int, list[tuple[int, int, bool, float]]] = {sid: [] for sid in range(1, streams + 1)}
         deadline = time.monotonic() + 120
-        while sum(map(len, got.values())) < streams * messages:
-            assert time.monotonic() < deadline, f"{sum(map(len, got.values()))} of {streams * messages} answered"
+        while sum(map(len, got.values())) < sum(frames.values()):
+            assert time.monotonic() < deadline, f"{sum(map(len, got.values()))} of {sum(frames.values())} answered"
             if not sock.poll(1000):
                 continue
             msg = sock.recv()
@@ -578,19 +587,23 @@ def test_frames_shed_at_intake_leave_the_rest_of_each_stream_exact(tmp_path: Pat
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(silero_model_path()), options, providers=["CPUExecutionProvider"])
     pcm16 = [(a * 32768).clip(-32768, 32767).astype(np.int16).astype(np.float32) / 32768 for a in audio]
-    shed_streams, worst = 0, 0.0
+    shed_streams, worst, gaps = 0, 0.0, set()
     for sid, results in got.items():
-        assert [chunk for chunk, _, _, _ in results] == list(range(1, messages + 1)), sid
-        assert [first for _, first, _, _ in results] == list(range(messages)), sid
+        assert [chunk for chunk, _, _, _ in results] == list(range(1, frames[sid] + 1)), sid
+        assert [first for _, first, _, _ in results] == list(range(frames[sid])), sid
         shed = np.array([was_shed for _, _, was_shed, _ in results])
         shed_streams += bool(shed.any() and not shed.all() and not shed[shed.argmax():].all())
+        ran_at = np.flatnonzero(~shed)
+        gaps.update((np.diff(ran_at) - 1)[np.diff(ran_at) > 1].tolist())
         expected = _reference_with_shed_frames(session, pcm16[sid - 1], shed)
         probs = np.array([prob for _, _, _, prob in results], np.float32)
         ran = ~shed
         worst = max(worst, float(np.abs(probs[ran] - expected[ran]).max(initial=0.0)))
-    print(f"{streams} streams x {messages} frames: {sum(s for r in got.values() for _, _, s, _ in r)} shed; "
-          f"{shed_streams} streams ran frames after shed ones; max |diff| {worst:.2e}")
+    print(f"{streams} streams, {sum(frames.values())} frames: {sum(s for r in got.values() for _, _, s, _ in r)} "
+          f"shed; {shed_streams} streams ran frames after shed ones, after runs of {sorted(gaps)} shed frames; "
+          f"max |diff| {worst:.2e}")
     assert shed_streams >= streams // 4, "too few streams had frames run after shed ones to show anything"
+    assert any(gap % 2 for gap in gaps) and any(gap % 2 == 0 for gap in gaps), f"shed runs of {sorted(gaps)}"
     assert worst <= 1e-5
 
 
