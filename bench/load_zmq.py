@@ -91,7 +91,7 @@ class ZmqLink:
         opening = self._opening = {"opened": 0, "failures": failures}
         for s in range(self.n_open):
             rate = self.audio.file[s].rate
-            self._send_to(s, P.encode_open(self.sid[s], self.sid[s], {**params, "sample_rate": rate}))
+            self._send_message(s, P.encode_open(self.sid[s], self.sid[s], {**params, "sample_rate": rate}))
         deadline = time.monotonic() + 30 + 0.01 * self.n
         while opening["opened"] + sum(failures.values()) < self.n_open and time.monotonic() < deadline:
             self._wait(0.2)
@@ -101,11 +101,8 @@ class ZmqLink:
     def _unique_socks(self) -> list[zmq.Socket]:
         return list({id(x): x for x in self.socks}.values())
 
-    def _send_to(self, s: int, msg: bytes) -> None:
-        self.socks[s].send(msg)
-
     def _send_message(self, s: int, msg: bytes | memoryview) -> None:
-        """Send one AUDIO message on stream s's connection (the gateway's: any s)."""
+        """Send one message on stream s's connection (the gateway's: any s)."""
         sock = self.socks[s]
         sock.send(msg, copy=True)
         self.sent_socks.append(sock)
@@ -230,7 +227,7 @@ class ZmqLink:
         """CLOSE every opened stream and wait (up to ``timeout``) for their final results:
         (streams closed, streams to close)."""
         for s in range(self.n_open):
-            self._send_to(s, P.encode_stream_op(P.MsgType.CLOSE, self.sid[s], self.sid[s]))
+            self._send_message(s, P.encode_stream_op(P.MsgType.CLOSE, self.sid[s], self.sid[s]))
         closed_wanted = self.n_open
         deadline = time.monotonic() + timeout
         self.closed_streams = 0

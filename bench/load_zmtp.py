@@ -22,10 +22,10 @@ from collections.abc import Callable
 import zmq
 
 from bench.load_audio import StreamAudio
+from bench.load_gateway import GatewayLink
 from bench.load_ledger import Ledger
 from bench.load_plan import LoadPlan
 from bench.load_socket import Connection, Connections
-from bench.load_gateway import GatewayLedger, GatewayLink
 from bench.load_zmq import ZmqLink
 
 # Greeting: signature, version 3.0, mechanism NULL, as-server 0, filler (RFC 23 section 3).
@@ -142,9 +142,6 @@ class _ZmtpTransport(ZmqLink):
             self.connections.add(conn)
         if self.gateway:
             self.conns *= self.n
-
-    def _send_to(self, s: int, msg: bytes) -> None:
-        self.connections.send(self.conns[s], message_frame(msg))
 
     def _send_message(self, s: int, msg: bytes | memoryview) -> None:
         self.connections.send(self.conns[s], message_frame(msg))

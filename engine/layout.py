@@ -3,8 +3,8 @@
 Per worker, one segment: [input ring][output ring][WorkerStats]. Once for the engine, the
 state table: for every stream slot, two state buffers (double-buffered, see
 transport/records.py) and a ``done`` word: up to which seq the slot's frames have their state
-committed, and which buffer holds it (engine/worker_kernels.py). The table outlives any worker, which is what lets a replacement worker
-carry on a crashed worker's streams exactly.
+committed, and which buffer holds it (engine/worker_kernels.py). The table outlives any
+worker, which is what lets a replacement worker carry on a crashed worker's streams exactly.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ Crash safety comes from the order of the four writes per batch (see docs/archite
 4. input ring space released, only for records whose every frame got past step 3
 
 A replacement worker re-reads every unreleased record and skips frames whose seq is below
-the one ``done[slot]`` holds. A frame that died between 1 and 3 runs again from the same, untouched
-input state and gives the same result; the front-end drops the duplicate by ``seq``.
+the one ``done[slot]`` holds. A frame that died between 1 and 3 runs again from the same,
+untouched input state and gives the same result; the front-end drops the duplicate by ``seq``.
 """
 
 from __future__ import annotations
