@@ -84,7 +84,8 @@ def print_summary(report: dict[str, Any]) -> None:
             print("  *: failed while other tenants + steal exceeded the quiet gate; measured again, the later row counts")
     raw = report["baselines"].get("raw")
     if raw:
-        runs = ", ".join(f"{r['when']} B={r['batch']} {r['frames_per_s']:.0f}" for r in raw["runs"])
+        runs = ", ".join(f"{r['when']} B={r['batch']} {r['frames_per_s']:.0f} "
+                         f"({r['wall_us_per_frame']:.0f} us a frame)" for r in raw["runs"])
         print(f"\nraw onnxruntime ceiling: {raw['frames_per_s']:.0f} frames/s = {raw['streams']:.0f} streams, mean of the "
               f"best batch before and after ({raw['workers']} processes; {runs})")
     if report["capacity"]:

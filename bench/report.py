@@ -25,6 +25,10 @@ def _f(value: Any, spec: str = ".1f", none: str = "-") -> str:
     return format(value, spec)
 
 
+def _us(ms: float | None) -> float | None:
+    return None if ms is None else 1000 * ms
+
+
 class Progress:
     """One updating line on a TTY (per window), plain lines otherwise (per point)."""
 
@@ -96,6 +100,7 @@ COLUMNS = [  # header, width, getter
     ("batch", 6, lambda p: _f(p.engine.get("avg_batch"))),
     ("queue", 6, lambda p: _f(p.engine.get("queue_ms_per_frame"), ".2f")),
     ("comp", 6, lambda p: _f(p.engine.get("compute_ms_per_batch"), ".2f")),
+    ("us/fr", 5, lambda p: _f(_us(p.engine.get("compute_ms_per_frame")), ".0f")),
     ("fe%", 5, lambda p: _f(p.cpu.get("frontend_pct", p.cpu.get("server_pct")), ".0f")),
     ("wrk%", 5, lambda p: _f(p.cpu.get("workers_pct"), ".0f")),
     ("bench%", 6, lambda p: _f(p.cpu.get("bench_pct"), ".0f")),
@@ -119,7 +124,9 @@ TABLE_LEGEND = """\
   <=bud%: share answered within the budget; fr/s: frames answered per second (not shed), need%:
   of the 31.25 per stream a live microphone needs; lost = shed + refused + timed out (whole
   point); batch: engine frames per model execution; queue: ms a frame waited in a worker's
-  queue (avg); comp: ms per batch execution (avg); fe%/wrk%/bench%: CPU of the front-end
+  queue (avg); comp: ms per batch execution (avg); us/fr: the model's time per frame in the
+  workers (beside the raw runs' us a frame: far above them, the host was slow during the
+  point, which steal% does not always show); fe%/wrk%/bench%: CPU of the front-end
   (daemon process; per-frame server for the baseline) / the workers / the bench's own
   processes, in % of one core (200 % = 2 cores); other%: the rest of the machine's busy CPU
   (/proc/stat): other tenants, softirq; steal%: CPU the hypervisor gave to other guests; sched: p99 of the send-time error against the

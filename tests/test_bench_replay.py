@@ -243,7 +243,7 @@ def test_cli_json_and_csv_hold_every_reported_figure(engine: DaemonProcess, audi
         # the table shows these figures; the JSON must hold the same ones
         assert f"{p['p99_ms']:.1f}" in table
     for p in points[:1]:
-        for key in ("avg_batch", "queue_ms_per_frame", "compute_ms_per_batch", "queue_share"):
+        for key in ("avg_batch", "queue_ms_per_frame", "compute_ms_per_batch", "compute_ms_per_frame", "queue_share"):
             assert p["engine"][key] is not None and p["engine"][key] >= 0, key
         assert p["cpu"]["frontend_pct"] >= 0 and p["cpu"]["workers_pct"] >= 0
     assert points[1]["cpu"]["server_pct"] >= 0
