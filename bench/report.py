@@ -124,9 +124,10 @@ TABLE_LEGEND = """\
   <=bud%: share answered within the budget; fr/s: frames answered per second (not shed), need%:
   of the 31.25 per stream a live microphone needs; lost = shed + refused + timed out (whole
   point); batch: engine frames per model execution; queue: ms a frame waited in a worker's
-  queue (avg); comp: ms per batch execution (avg); us/fr: the model's time per frame in the
-  workers (beside the raw runs' us a frame: far above them, the host was slow during the
-  point, which steal% does not always show); fe%/wrk%/bench%: CPU of the front-end
+  queue (avg); comp: ms per batch execution (avg); us/fr: the same per frame (wall time: the
+  gather, the model, the results, and any time the worker lost its core meanwhile; far above
+  the raw runs' us a frame at a similar CPU share, the host was slow during the point, which
+  steal% does not always show); fe%/wrk%/bench%: CPU of the front-end
   (daemon process; per-frame server for the baseline) / the workers / the bench's own
   processes, in % of one core (200 % = 2 cores); other%: the rest of the machine's busy CPU
   (/proc/stat): other tenants, softirq; steal%: CPU the hypervisor gave to other guests; sched: p99 of the send-time error against the
