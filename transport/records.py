@@ -15,10 +15,11 @@ RESULTS (worker -> front-end): one record per executed batch::
 
 ``enqueued_ns`` is when the chunk reached the daemon, as the front-end estimates it (it may
 have waited in ZeroMQ's queue first, see engine/control.py ``arrival``): the worker's shed
-deadlines count from it. ``seq`` is the stream's frame counter since it opened; it can skip (a frame shed at intake
-takes a number but is never sent). The worker reads the state buffer of the stream's slot
-that its ``done`` word names and writes the other (engine/worker_kernels.py), so a frame that
-is run twice (after a worker crash) reads the same state both times.
+deadlines count from it. ``seq`` is the stream's frame counter since it opened; it can skip
+(a frame shed at intake takes a number but is never sent). The worker reads the state buffer
+of the stream's slot that its ``done`` word names and writes the other
+(engine/worker_kernels.py), so a frame that is run twice (after a worker crash) reads the
+same state both times.
 
 In a FRAMES record frame *i* is *i* frame-durations later in its stream's audio than frame 0,
 so its shed deadline is that much later too; in a FRAME_SET every frame has the same deadline
