@@ -4,7 +4,7 @@ matching of a RESULTS message's items to the chunks in flight.
 The load process shares the machine with the engine it measures, so its CPU per frame lowers
 the capacity it finds. Done as Python per chunk (a slice, a struct, a dict entry, a list
 append each way) it cost ~5.5 us per frame; numpy per tick does not help, its calls cost
-more on every cold wake-up than the bytecode they replace (docs/benchmarks.md, run 12).
+more on every cold wake-up than the bytecode they replace (docs/bench-history.md, run 12).
 
 In flight, chunk ``seq`` of stream ``s`` is ``pending[s, seq % W] == seq`` and its send time
 ``sent_ns[s, seq % W]``. A reply that matches no chunk in flight is handed back to the caller,

@@ -42,7 +42,7 @@ _RECHECK_S = 5.0  # bounds the cost of any lost wake-up; normal wake-ups come fr
 _RATE_WINDOW_NS = 250_000_000  # how often the arrival rate and busy share that set the wait are re-measured
 _GATHER_MIN_JOINING = 2.0  # wait for a fuller batch only if at least this many more streams may join it
 # Stop waiting at this batch size: 128 saves ~5 % CPU at high load but adds ~4 ms to p50 and
-# reached the 32 ms p99 budget at fewer streams (docs/benchmarks.md, run 12).
+# reached the 32 ms p99 budget at fewer streams (docs/bench-history.md, run 12).
 _GATHER_ENOUGH = 64
 # Between these busy shares the wait grows from batch_delay_us to busy_batch_delay_us (see gather).
 _BUSY_LOW, _BUSY_HIGH = 0.4, 0.8
@@ -144,7 +144,7 @@ class Worker:
         all. It sleeps rather than spins: the frames it waits for come from a front-end that
         needs a core. It sleeps on the ring's doorbell, not on a timer: it wakes when a record
         comes (or the wait ends), not every millisecond to look (at 768 gateway streams that
-        cut the workers' CPU from 52.3 to 50.4 us per frame, docs/benchmarks.md).
+        cut the workers' CPU from 52.3 to 50.4 us per frame, docs/bench-history.md, run 12).
         """
         queue = self.queue
         until = queue.oldest_enqueued_ns() + self.delay_ns

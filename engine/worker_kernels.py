@@ -7,7 +7,7 @@ A record is read in place, through three views of the input ring's data area: u3
 words for its header and FRAME_META items (transport/records.py), f32 for model inputs.
 
 Written in Python (a tuple, a deque and a dict entry per frame, numpy calls per batch) these
-steps cost the workers ~2 us more per frame (docs/benchmarks.md, run 15).
+steps cost the workers ~2 us more per frame (docs/bench-history.md, run 15).
 """
 
 from __future__ import annotations
