@@ -34,9 +34,6 @@ SETTING_HELP = {
                            "to this (80 %% or more), trading latency for CPU per frame; never below batch_delay_us",
     "spin_us": "busy-wait this long for more work before blocking on a doorbell (the front-end only while its "
                "sleeps are shorter than two spins)",
-    "gather_us": "when the front-end wakes sooner than this after going to sleep, it waits this long before "
-                 "reading, so that one turn reads what arrives together instead of waking for each message "
-                 "(devices' messages tens of microseconds apart); 0 reads at once",
     "ring_mib": "size of each worker's input ring (MiB)",
     "ready_timeout_s": "how long workers may take to load and warm the model",
     "max_message_bytes": "largest client message accepted",

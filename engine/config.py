@@ -25,7 +25,6 @@ class ServeConfig:
     batch_delay_us: int = 2000
     busy_batch_delay_us: int = 8000
     spin_us: int = 50
-    gather_us: int = 500
     ring_mib: int = 8
     ready_timeout_s: float = 120.0
     max_message_bytes: int = 1 << 20
@@ -59,7 +58,6 @@ class ServeConfig:
         need(0 <= self.batch_delay_us <= 1_000_000, "batch_delay_us", "0 to 1000000 microseconds")
         need(0 <= self.busy_batch_delay_us <= 1_000_000, "busy_batch_delay_us", "0 to 1000000 microseconds")
         need(0 <= self.spin_us <= 1_000_000, "spin_us", "0 to 1000000 microseconds")
-        need(0 <= self.gather_us <= 32_000, "gather_us", "0 to 32000 microseconds (one frame)")
         need(1 <= self.ring_mib <= 1024, "ring_mib", "1 to 1024 MiB")
         need(self.ready_timeout_s > 0, "ready_timeout_s", "a positive number of seconds")
         need(4096 <= self.max_message_bytes <= 64 << 20, "max_message_bytes", "4096 to 67108864 bytes")

@@ -244,7 +244,6 @@ class FrontEnd:
         sentinels = self._watch_sentinels(poller, [])
         spin_s = self.cfg.spin_us / 1e6
         spin = spin_s  # 0 while spinning does not pay (see below)
-        gather_s = self.cfg.gather_us / 1e6
         last_work = last_housekeeping = time.monotonic()
         while not self.should_stop():
             work = self.pump_router()
@@ -267,16 +266,7 @@ class FrontEnd:
                 continue
             ready = poller.poll(timeout=int(1000 * _HOUSEKEEPING_S * 4))
             woke = time.monotonic()
-            # Woken this soon, more is on its way: devices' messages arrive tens of microseconds
-            # apart, and each wake-up costs both sides CPU (~20 us each on a paravirtualised
-            # host), the I/O thread's hand-off included. Waiting a little reads them in one turn:
-            # at 336 device streams the front-end took ~5 points of a core less (docs/
-            # bench-history.md, run 26). A slow trickle and a gateway's ticks wake it later than
-            # this and are read at once, so they pay no latency for it.
-            if ready and woke - now < gather_s:
-                time.sleep(gather_s)
-            # Poll returns as soon as a message is ready: whatever is queued now arrived just now
-            # (or during the gathering wait, well within FRESH_NS).
+            # Poll returns as soon as a message is ready: whatever is queued now arrived just now.
             self.table.drained_ns = time.monotonic_ns()
             # Spin next time only if this sleep was short: devices' messages a few tens of
             # microseconds apart are caught by spinning, a gateway's every few milliseconds are
