@@ -24,6 +24,8 @@ compare with the raw onnxruntime ceiling and a conventional per-frame server in 
 examples:
   ringserve bench --spawn-engine --workers 2 --find-capacity --shape device,gateway \\
       --baseline raw,per-frame --json out.json --csv out.csv --plot out.png
+  ringserve bench --spawn-engine --workers 2 --find-capacity --shape device --baseline raw,per-frame \\
+      --repeat 3       # the median of three interleaved searches, and their range
   ringserve bench --endpoint tcp://10.0.0.5:5555 --curve server.key bench.key_secret --sweep 50,100,200
   ringserve bench --spawn-engine --workers 2 --streams 300 --soak 30m
 """
@@ -120,6 +122,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                       help="search the largest N that stays real-time (doubling, then bisection)")
     what.add_argument("--max-streams", type=int, help="capacity search: stop growing at this N (default 4096)")
     what.add_argument("--start-streams", type=int, help="capacity search: first N (default 16; quick 32)")
+    what.add_argument("--repeat", type=int, default=1, metavar="K",
+                      help="capacity search: run every target's search K times, interleaved (each round searches "
+                      "every shape and the per-frame baseline, the raw baseline runs between rounds); each "
+                      "target's capacity is the median of its K (the lower one of the middle two when K is even), "
+                      "the ratios and targets are taken from the medians, and the report gives every search and "
+                      "each round's ratios: one search on a noisy host can move by a fifth (default 1)")
     what.add_argument("--saturation", type=int, default=0, metavar="N",
                       help="also measure closed-loop throughput (--pace max, --window chunks in flight) with N "
                       "streams per server and shape: the saturation frames/s, insensitive to latency noise")
@@ -166,6 +174,10 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return "--soak holds one load: give the capacity with --streams N or let --find-capacity find it"
     if args.workers is not None and args.workers < 1:
         return "--workers must be at least 1"
+    if args.repeat < 1:
+        return "--repeat must be at least 1"
+    if args.repeat > 1 and not args.find_capacity:
+        return "--repeat repeats capacity searches: add --find-capacity"
     if args.pace == "max" and args.find_capacity:
         return "--find-capacity searches real-time capacity: use --pace realtime (and --saturation N for throughput)"
     return None

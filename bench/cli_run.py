@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, replace
 from typing import Any
 
-from bench.cli_measure import measure_target, run_soak
+from bench.cli_measure import measure_target, profile_target, run_soak, settle_capacities
 from bench.cli_summary import derive, print_summary, write_outputs
 from bench.daemon import BenchError
 from bench.probe import StatsClient, local_endpoint
@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "version": 1, "argv": " ".join(shlex.quote(a) for a in sys.argv),
         "machine": machine_info(), "budget_ms": budget, "settings": asdict(settings), "nice": args.nice,
-        "target": {}, "baselines": {}, "capacity": {}, "points": [], "profile": {}, "saturation": {}, "ratios": {},
-        "targets": {}}
+        "repeat": args.repeat, "target": {}, "baselines": {}, "capacity": {}, "points": [], "profile": {},
+        "saturation": {}, "ratios": {}, "targets": {}}
     started = time.monotonic()
     machine_before = machine_cpu_seconds()
     with ExitStack() as stack:
@@ -82,10 +82,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         raw_baseline("before")
         common = {"settings": settings, "fleet": fleet, "progress": progress, "budget_ms": budget, "quiet": gate}
+        # Rounds interleave the targets, so that a slow stretch of a shared host lands on each
+        # of them rather than on all of one target's searches.
+        for search_round in range(1, args.repeat + 1):
+            for shape in shapes:
+                measure_target(report, args, endpoint, "ringserve", shape, common, curve, alive, say, search_round)
+            if "per-frame" in baselines and not args.soak:
+                _per_frame_baseline(report, args, common, say, search_round)
+            if search_round < args.repeat:
+                raw_baseline(f"after round {search_round}")
+        settle_capacities(report)
         for shape in shapes:
-            measure_target(report, args, endpoint, "ringserve", shape, common, curve, alive, say)
-        if "per-frame" in baselines and not args.soak:
-            _per_frame_baseline(report, args, common, say)
+            profile_target(report, args, endpoint, shape, common, curve, alive, say)
         raw_baseline("after")
         if raw_runs:
             report["baselines"]["raw"] = _raw_ceiling(raw_runs, workers)
@@ -158,12 +166,13 @@ def _raw_ceiling(raw_runs: list[dict[str, Any]], workers: int) -> dict[str, Any]
 
 
 def _per_frame_baseline(report: dict[str, Any], args: argparse.Namespace, common: dict[str, Any],
-                        say: Callable[[str], None]) -> None:
+                        say: Callable[[str], None], search_round: int) -> None:
     """The conventional server, same load and search, device shape (one connection per stream)."""
     if args.per_frame_endpoint:
         say(f"per-frame baseline server at {args.per_frame_endpoint} (its CPU is not read from here)")
         report["baselines"]["per-frame"] = {"endpoint": args.per_frame_endpoint, "spawned": False}
-        measure_target(report, args, args.per_frame_endpoint, "per-frame", "device", common, None, None, say)
+        measure_target(report, args, args.per_frame_endpoint, "per-frame", "device", common, None, None, say,
+                       search_round)
         return
     from bench.per_frame_server import spawn_per_frame_server
 
@@ -177,7 +186,7 @@ def _per_frame_baseline(report: dict[str, Any], args: argparse.Namespace, common
                 raise BenchError("the per-frame server died:\n" + "\n".join(server.log))
 
         measure_target(report, args, server.endpoint, "per-frame", "device",
-                       {**common, "pids": {"server": [server.pid]}}, None, server_alive, say)
+                       {**common, "pids": {"server": [server.pid]}}, None, server_alive, say, search_round)
 
 
 def _engine_limits(settings: PointSettings, stats: dict[str, Any] | None, report: dict[str, Any],

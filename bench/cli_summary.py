@@ -46,14 +46,36 @@ def derive(report: dict[str, Any], baselines: set[str]) -> None:
             ratios["cpu_us_per_frame_at_capacity"] = {
                 role: 1e4 * value / fps for role in ("frontend", "workers", "bench", "server")
                 if (value := (point.get("cpu") or {}).get(f"{role}_pct")) is not None}
+        by_round = _by_round(report, key)
+        per_frame_by_round = _by_round(report, "per-frame/device")
+        if len(by_round) > 1:
+            ratios["searches"] = list(by_round.values())
+            if raw:
+                ratios["share_of_raw_by_round"] = {r: n / raw for r, n in by_round.items()}
+            if per_frame_by_round and key != "per-frame/device":
+                ratios["x_per_frame_by_round"] = {r: n / per_frame_by_round[r] for r, n in by_round.items()
+                                                  if per_frame_by_round.get(r)}
         report["ratios"][key] = ratios
         if key in goals:
             goal: dict[str, Any] = {}
             if raw:
                 goal["share_of_raw"] = {"want": goals[key], "got": c / raw, "met": c / raw >= goals[key]}
+                if len(by_round) > 1:
+                    goal["share_of_raw"]["met_in_rounds"] = sum(n / raw >= goals[key] for n in by_round.values())
             if per_frame:
                 goal["x_per_frame"] = {"want": 5.0, "got": c / per_frame, "met": c >= 5 * per_frame}
+                if "x_per_frame_by_round" in ratios:
+                    x_by_round = ratios["x_per_frame_by_round"].values()
+                    goal["x_per_frame"]["met_in_rounds"] = sum(x >= 5.0 for x in x_by_round)
+            for g in goal.values():
+                if "met_in_rounds" in g:
+                    g["rounds"] = len(by_round)
             report["targets"][key] = goal
+
+
+def _by_round(report: dict[str, Any], key: str) -> dict[int, int]:
+    """A target's capacity in each round of --repeat (round number -> streams)."""
+    return {e["round"]: e["capacity_streams"] for e in report.get("searches", {}).get(key, [])}
 
 
 def print_summary(report: dict[str, Any]) -> None:
@@ -75,10 +97,12 @@ def print_summary(report: dict[str, Any]) -> None:
     if points:
         print("\npoints (phase: capacity search, profile at 10 %/80 % of capacity, sweep, soak)")
         table = points_table(point(e["point"]) for e in points).splitlines()
-        print(f"{'phase':>11} " + table[0])
+        width = 13 if report.get("repeat", 1) > 1 else 11
+        print(f"{'phase':>{width}} " + table[0])
         for e, line in zip(points, table[1:]):
-            phase = e["phase"] + ("*" if e["point"].get("superseded") else "")
-            print(f"{phase:>11} " + line)
+            phase = e["phase"] + (f" r{e['round']}" if report.get("repeat", 1) > 1 and "round" in e else "")
+            phase += "*" if e["point"].get("superseded") else ""
+            print(f"{phase:>{width}} " + line)
         print(TABLE_LEGEND)
         if any(e["point"].get("superseded") for e in points):
             print("  *: failed while other tenants + steal exceeded the quiet gate; measured again, the later row counts")
@@ -86,8 +110,9 @@ def print_summary(report: dict[str, Any]) -> None:
     if raw:
         runs = ", ".join(f"{r['when']} B={r['batch']} {r['frames_per_s']:.0f} "
                          f"({r['wall_us_per_frame']:.0f} us a frame)" for r in raw["runs"])
+        when = "before, between rounds and after" if report.get("repeat", 1) > 1 else "before and after"
         print(f"\nraw onnxruntime ceiling: {raw['frames_per_s']:.0f} frames/s = {raw['streams']:.0f} streams, mean of the "
-              f"best batch before and after ({raw['workers']} processes; {runs})")
+              f"best batch {when} ({raw['workers']} processes; {runs})")
     if report["capacity"]:
         print(f"\nreal-time capacity (p99 <= {report['budget_ms']:g} ms, nothing lost, >= 98 % of needed frames/s)")
         for key, cap in report["capacity"].items():
@@ -106,14 +131,21 @@ def print_summary(report: dict[str, Any]) -> None:
             if r.get("steal_pct_at_capacity") is not None:
                 extra.append(f"steal {r['steal_pct_at_capacity']:.0f} %")
             limit = " (max_streams reached)" if cap.get("limited_by_max") else ""
+            if len(cap.get("searches", [])) > 1:
+                limit += (f" (median of {len(cap['searches'])} searches: {', '.join(map(str, cap['searches']))}; "
+                          f"its figures from round {cap['median_round']})")
             print(f"  {key:<18} {cap['capacity_streams']:>5} streams{limit}, p99 "
                   f"{_fmt(cap.get('p99_ms_at_capacity'))} ms, saturation {cap['saturation_fps']:.0f} frames/s"
                   + (f"; {', '.join(extra)}" if extra else ""))
+            if len(cap.get("searches", [])) > 1:
+                print("  " + " " * 18 + " by round: " + "; ".join(_round_text(report, key, r, n)
+                                                             for r, n in _by_round(report, key).items()))
     for key, goal in report["targets"].items():
         for name, g in goal.items():
             want = f"{100 * g['want']:.0f} % of raw" if name == "share_of_raw" else f"{g['want']:.0f}x per-frame"
             got = f"{100 * g['got']:.0f} %" if name == "share_of_raw" else f"{g['got']:.1f}x"
-            print(f"  target {key} >= {want}: got {got} -> {'met' if g['met'] else 'MISSED'}")
+            rounds = f" (met in {g['met_in_rounds']} of {g['rounds']} rounds)" if "met_in_rounds" in g else ""
+            print(f"  target {key} >= {want}: got {got} -> {'met' if g['met'] else 'MISSED'}{rounds}")
     if report["saturation"]:
         print("\nsaturation throughput (closed loop: not real-time, what each server can push at most)")
         for key, sat in report["saturation"].items():
@@ -137,6 +169,16 @@ def print_summary(report: dict[str, Any]) -> None:
             print(f"  {role:<12} pid {proc['pid']:>7}: RSS start {proc['start_mib']:.1f} end {proc['end_mib']:.1f} "
                   f"max {proc['max_mib']:.1f} MiB, slope {_fmt(proc['slope_mib_per_h'], '.2f')} MiB/h"
                   + (" FLAGGED" if proc["flagged"] else ""))
+
+
+def _round_text(report: dict[str, Any], key: str, search_round: int, streams: int) -> str:
+    r = report["ratios"].get(key, {})
+    parts = [f"{search_round}: {streams}"]
+    if search_round in r.get("share_of_raw_by_round", {}):
+        parts.append(f"{100 * r['share_of_raw_by_round'][search_round]:.0f} %")
+    if search_round in r.get("x_per_frame_by_round", {}):
+        parts.append(f"{r['x_per_frame_by_round'][search_round]:.1f}x")
+    return " ".join(parts[:1]) + (f" ({', '.join(parts[1:])})" if parts[1:] else "")
 
 
 def _fmt(value: Any, spec: str = ".1f") -> str:

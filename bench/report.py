@@ -138,8 +138,8 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for entry in report.get("points", []):
         p = entry["point"]
-        row = {"phase": entry["phase"], "target": p["target"], "shape": p["shape"], "pace": p["pace"],
-               "streams": p["streams"]}
+        row = {"phase": entry["phase"], "round": entry.get("round"), "target": p["target"], "shape": p["shape"],
+               "pace": p["pace"], "streams": p["streams"]}
         for key in ("needed_fps", "achieved_fps", "sent_fps", "throughput_ratio", "p50_ms", "p90_ms", "p95_ms",
                     "p99_ms", "max_ms", "mean_ms", "within_budget", "lateness_p50_ms", "lateness_p99_ms",
                     "lateness_max_ms", "sent", "answered", "shed", "timed_out", "late", "lost", "unexplained",
@@ -197,6 +197,9 @@ def write_plot(report: dict[str, Any], path: str) -> None:
         p = entry["point"]
         if p.get("pace") != "realtime" or p.get("p99_ms") is None or p.get("superseded"):
             continue
+        capacity = report.get("capacity", {}).get(f"{p['target']}/{p['shape']}", {})
+        if "round" in entry and entry["round"] != capacity.get("median_round", entry["round"]):
+            continue  # --repeat: the curve is the median search's; the others show as the capacity's range
         series.setdefault((p["target"], p["shape"]), []).append(p)
     fig, (ax_lat, ax_fps) = plt.subplots(2, 1, figsize=(10, 9), sharex=True,
                                          gridspec_kw={"height_ratios": [3, 2]})
@@ -223,6 +226,10 @@ def write_plot(report: dict[str, Any], path: str) -> None:
         if capacity and capacity.get("capacity_streams"):
             c = capacity["capacity_streams"]
             ax_lat.axvline(c, color=color, ls=":", lw=1.2)
+            searches = capacity.get("searches") or []
+            if len(searches) > 1:
+                ax_lat.axvspan(min(searches), max(searches), color=color, alpha=0.12, lw=0,
+                               label=f"{label}: {len(searches)} searches, {min(searches)}-{max(searches)}")
             ax_lat.annotate(f"capacity {c}", xy=(c, budget), xytext=(4, 6), textcoords="offset points",
                             color=color, fontsize=9, rotation=90, va="bottom")
     ax_lat.axhline(budget, color=BUDGET_COLOR, lw=1.5, ls="-")

@@ -394,3 +394,58 @@ def test_a_gateway_connection_holds_as_many_streams_as_the_engine_allows(audio_d
     point = report["points"][-1]["point"]
     assert point["load_procs"] == 3 and point["streams_opened"] == 10 and point["open_failures"] == {}
     assert point["sent"] == point["answered"] > 0 and point["lost"] == 0
+
+
+def test_repeat_interleaves_searches_and_reports_their_median(engine: DaemonProcess, audio_dir: Path,
+                                                              tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """--repeat 2: round 1 searches ringserve then the per-frame server, the raw baseline runs,
+    then round 2 does the same; each target's capacity is the lower of its two searches, every
+    search is in the JSON, each round's points are tagged in the JSON and CSV, and the summary
+    says the capacity is a median."""
+    from engine.cli import main
+
+    out_json, out_csv = tmp_path / "bench.json", tmp_path / "bench.csv"
+    code = main(["bench", "--endpoint", engine.endpoint, "--audio", str(audio_dir), "--find-capacity",
+                 "--repeat", "2", "--start-streams", "2", "--max-streams", "4", "--no-profile",
+                 "--baseline", "raw,per-frame", "--raw-seconds", "0.3", "--raw-batch", "64",
+                 "--quick", "--window-s", "0.5", "--warmup-s", "0.5", "--max-point-s", "1",
+                 "--json", str(out_json), "--csv", str(out_csv), "--quiet"])
+    table = capsys.readouterr().out
+    assert code == 0, table
+    report = json.loads(out_json.read_text())
+    assert report["repeat"] == 2
+    assert [r["when"] for r in report["baselines"]["raw"]["runs"]] == ["before", "after round 1", "after"]
+    order = [(e["round"], e["point"]["target"]) for e in report["points"] if e["phase"] == "capacity"]
+    assert order == sorted(order, key=lambda o: (o[0], o[1] != "ringserve"))  # rounds interleave the targets
+    assert {o for o in order} == {(1, "ringserve"), (1, "per-frame"), (2, "ringserve"), (2, "per-frame")}
+    for key in ("ringserve/device", "per-frame/device"):
+        searches = report["searches"][key]
+        assert [s["round"] for s in searches] == [1, 2]
+        cap = report["capacity"][key]
+        assert cap["searches"] == [s["capacity_streams"] for s in searches]
+        assert cap["capacity_streams"] == min(cap["searches"]) > 0
+        assert cap["median_round"] in (1, 2) and cap["capacity_point"]["streams"] == cap["capacity_streams"]
+    ratios = report["ratios"]["ringserve/device"]
+    assert set(ratios["x_per_frame_by_round"]) == {"1", "2"} and set(ratios["share_of_raw_by_round"]) == {"1", "2"}
+    goal = report["targets"]["ringserve/device"]["x_per_frame"]
+    assert goal["rounds"] == 2 and 0 <= goal["met_in_rounds"] <= 2
+    assert "median of 2 searches" in table and "capacity r2" in table
+    with out_csv.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["round"] for r in rows if r["phase"] == "capacity"} == {"1", "2"}
+    assert main(["bench", "--endpoint", engine.endpoint, "--streams", "3", "--repeat", "2"]) == 2
+    assert "--repeat repeats capacity searches" in capsys.readouterr().err
+
+
+def test_the_median_search_is_the_lower_middle_one() -> None:
+    from bench.cli_measure import settle_capacities
+
+    report: dict[str, Any] = {"capacity": {}, "searches": {
+        "ringserve/device": [{"round": r, "capacity_streams": c} for r, c in ((1, 320), (2, 480), (3, 336))],
+        "ringserve/gateway": [{"round": r, "capacity_streams": c} for r, c in ((1, 704), (2, 560))]}}
+    settle_capacities(report)
+    assert report["capacity"]["ringserve/device"]["capacity_streams"] == 336
+    assert report["capacity"]["ringserve/device"]["median_round"] == 3
+    assert report["capacity"]["ringserve/device"]["searches"] == [320, 480, 336]
+    assert report["capacity"]["ringserve/gateway"]["capacity_streams"] == 560
