@@ -48,8 +48,7 @@ def derive(report: dict[str, Any], baselines: set[str]) -> None:
                 if (value := (point.get("cpu") or {}).get(f"{role}_pct")) is not None}
         by_round = _by_round(report, key)
         per_frame_by_round = _by_round(report, "per-frame/device")
-        if len(by_round) > 1:
-            ratios["searches"] = list(by_round.values())
+        if len(by_round) > 1:  # the searches themselves are in report["capacity"][key]["searches"]
             if raw:
                 ratios["share_of_raw_by_round"] = {r: n / raw for r, n in by_round.items()}
             if per_frame_by_round and key != "per-frame/device":
