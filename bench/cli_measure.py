@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from bench.daemon import BenchError
-from bench.replay import PointResult, find_capacity, measure_gated, measure_point
+from bench.replay import PointResult, QuietGate, find_capacity, measure_gated, measure_point
 from bench.soak import parse_duration, soak
 
 
@@ -26,9 +26,7 @@ def measure_target(report: dict[str, Any], args: argparse.Namespace, endpoint: s
     common = {k: v for k, v in common.items() if k != "quiet"}
 
     def gated(phase: str, measure: Callable[[], PointResult]) -> PointResult:
-        results = measure_gated(gate, measure, say)
-        report["points"] += [{"phase": phase, "point": r.to_dict()} for r in results]
-        return results[-1]
+        return _gated(report, gate, phase, measure, say)
 
     if args.saturation and not args.soak and search_round == 1:
         say(f"{key}: saturation, closed loop, {args.saturation} streams x {args.window} chunks in flight")
@@ -40,7 +38,7 @@ def measure_target(report: dict[str, Any], args: argparse.Namespace, endpoint: s
                                      "streams_equivalent": p.achieved_fps / 31.25, "p50_ms": p.p50_ms,
                                      "p99_ms": p.p99_ms, "lost": p.lost, "stable": p.stable, "cpu": p.cpu,
                                      "avg_batch": p.engine.get("avg_batch")}
-    if searches_capacity(args, target):
+    if args.find_capacity or (args.soak and not args.streams and target == "ringserve"):
         rounds = f" (round {search_round} of {args.repeat})" if args.repeat > 1 else ""
         say(f"{key}: searching real-time capacity{rounds} (p99 <= {args.budget_ms:g} ms, nothing lost, "
             ">= 98 % of needed)")
@@ -65,8 +63,13 @@ def measure_target(report: dict[str, Any], args: argparse.Namespace, endpoint: s
             endpoint, n, target=target, shape=shape, pace=args.pace, curve=curve2, alive=alive, **common))
 
 
-def searches_capacity(args: argparse.Namespace, target: str) -> bool:
-    return bool(args.find_capacity or (args.soak and not args.streams and target == "ringserve"))
+def _gated(report: dict[str, Any], gate: QuietGate | None, phase: str, measure: Callable[[], PointResult],
+           say: Callable[[str], None]) -> PointResult:
+    """Measure behind the quiet gate; every measurement (a superseded one too) goes into the
+    report's points, the last one counts."""
+    results = measure_gated(gate, measure, say)
+    report["points"] += [{"phase": phase, "point": r.to_dict()} for r in results]
+    return results[-1]
 
 
 def settle_capacities(report: dict[str, Any]) -> None:
@@ -94,11 +97,8 @@ def profile_target(report: dict[str, Any], args: argparse.Namespace, endpoint: s
     report["profile"][key] = {}
     for share in (0.1, 0.8):
         n = max(1, round(share * capacity))
-        results = measure_gated(gate, lambda: measure_point(endpoint, n, target="ringserve", shape=shape,
-                                                            pace="realtime", curve=curve2, alive=alive, **common), say)
-        phase = f"profile-{int(share * 100)}"
-        report["points"] += [{"phase": phase, "point": r.to_dict()} for r in results]
-        p = results[-1]
+        p = _gated(report, gate, f"profile-{int(share * 100)}", lambda: measure_point(
+            endpoint, n, target="ringserve", shape=shape, pace="realtime", curve=curve2, alive=alive, **common), say)
         report["profile"][key][f"{int(share * 100)}%"] = {
             "streams": n, "p50_ms": p.p50_ms, "p90_ms": p.p90_ms, "p99_ms": p.p99_ms, "max_ms": p.max_ms,
             "lost": p.lost, "passed": p.passed, "stable": p.stable}
