@@ -45,36 +45,45 @@ class GatewayLedger(Ledger):
 
     def sent_tick(self, count: int, streams: np.ndarray, seqs: np.ndarray, due: np.ndarray, now: int) -> None:
         kernels.mark_sent(count, streams, seqs, due, now, self.chunks, self.sent_ns, self._lateness)
+        self.sent_chunks(count, streams, seqs, self._lateness, now)
+
+    def sent_chunks(self, count: int, streams: np.ndarray, seqs: np.ndarray, lateness: np.ndarray, last: int) -> None:
+        """``count`` chunks put in flight (``chunks``, ``sent_ns``), the last of them at ``last``."""
         self.window.sent += count * self.chunk_frames
-        self.window.lateness.frombytes(self._lateness[:count].tobytes())
-        self.ticks.append((now + self.timeout_ns, streams[:count].copy(), seqs[:count].copy()))
+        self.window.lateness.frombytes(lateness[:count].tobytes())
+        self.ticks.append((last + self.timeout_ns, streams[:count].copy(), seqs[:count].copy()))
         self.flying += count
 
     def take_results(self, msg: bytes, now: int) -> int:
         """A RESULTS message: its items counted; returns how many streams it closed (FINAL)."""
         counts = self._counts
-        counts[:] = 0
         items = len(msg) // (P.RESULT_ITEM.size + 4)  # the most this message can hold
         if items > len(self._latency):  # the loops write without bounds checks
             self._latency = np.empty(items, np.float32)
             self._unmatched = np.empty((items, 2), np.int64)
-        answered = kernels.take_results(np.frombuffer(msg, np.uint8), now, self.first_sid, self.timeout_ns,
-                                        self.chunks, self.sent_ns, self._latency, counts, self._unmatched)
+        kernels.take_results(np.frombuffer(msg, np.uint8), now, self.first_sid, self.timeout_ns, self.chunks,
+                             self.sent_ns, self._latency, counts, self._unmatched)
+        return self.count_results(counts, self._latency, self._unmatched)
+
+    def count_results(self, counts: np.ndarray, latency: np.ndarray, unmatched_keys: np.ndarray) -> int:
+        """What take_results' loops counted, into the window (``counts`` zeroed); returns how
+        many streams were closed (FINAL)."""
         answered_frames, shed, timed_out, late, unmatched, final, latencies = counts.tolist()
+        counts[:] = 0
         window = self.window
         window.answered += answered_frames
         window.shed += shed
         window.timed_out += timed_out
         window.late += late
-        for key, frames in self._unmatched[:unmatched].tolist():
+        for key, frames in unmatched_keys[:unmatched].tolist():
             if key in self.timed_out_keys:  # a chunk given up on: its reply came after all
                 self.timed_out_keys.discard(key)
                 window.late += frames
             else:
                 window.unexpected += 1
         if latencies:
-            window.lat.frombytes(self._latency[:latencies].tobytes())
-        self.flying -= answered + timed_out // self.chunk_frames
+            window.lat.frombytes(latency[:latencies].tobytes())
+        self.flying -= latencies + timed_out // self.chunk_frames  # a latency per chunk answered
         return final
 
     def refuse(self, key: int, name: str) -> bool:

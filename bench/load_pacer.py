@@ -12,6 +12,7 @@ import numpy as np
 import zmq
 
 from bench.load_audio import AudioFile, StreamAudio
+from bench.load_device import ZmtpDeviceLink
 from bench.load_gateway import GatewayLedger, GatewayLink
 from bench.load_ledger import Ledger
 from bench.load_plan import FRAME_MS, LoadPlan
@@ -54,14 +55,16 @@ class LoadRun:
         self.stopping = False
         self.ledger = Ledger(plan.chunk_frames, plan.timeout_ms, self._released)
         self.link: ZmqLink | PerFrameLink
-        if plan.shape == "gateway" and plan.pace == "realtime" and plan.target != "per-frame":
+        zmtp = plan.curve is None and plan.link == "zmtp"
+        compiled = plan.pace == "realtime" and plan.target != "per-frame" and (plan.shape == "gateway" or zmtp)
+        if compiled:
             self.ledger = GatewayLedger(plan.chunk_frames, plan.timeout_ms, self.n, plan.first_stream + 1,
                                         self.period_ns)
-            gateway = ZmtpGatewayLink if plan.curve is None and plan.link == "zmtp" else GatewayLink
-            self.link = gateway(plan, ctx, sid, plan.streams, audio, self.ledger, self._released)
+            fast = GatewayLink if not zmtp else ZmtpGatewayLink if plan.shape == "gateway" else ZmtpDeviceLink
+            self.link = fast(plan, ctx, sid, plan.streams, audio, self.ledger, self._released)
         elif plan.target == "per-frame":
             self.link = PerFrameLink(plan, sid, audio, self.ledger, self._released)
-        elif plan.shape == "device" and plan.curve is None and plan.link == "zmtp":
+        elif plan.shape == "device" and zmtp:
             self.link = ZmtpLink(plan, ctx, sid, plan.streams, audio, self.ledger, self._released)
         else:
             self.link = ZmqLink(plan, ctx, sid, plan.streams, audio, self.ledger, self._released)

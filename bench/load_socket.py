@@ -72,27 +72,30 @@ class Connections:
         closed = 0
         for fd, events in self.ep.poll(max(timeout_s, 0.0)):
             conn = self.live.get(fd)
-            if conn is None:
-                continue
-            if events & _EPOLLOUT:
-                self._flush(conn)
-            if not events & _READABLE:
-                continue
-            try:
-                data = conn.sock.recv(1 << 16)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                self.ep.unregister(fd)
-                del self.live[fd]
-                closed += 1
-                continue
-            on_data(conn, data)
-            if conn.outbox and not events & _EPOLLOUT:
-                self._flush(conn)
+            if conn is not None:
+                closed += self.serve(conn, events, on_data)
         return closed
+
+    def serve(self, conn: Connection, events: int, on_data: Callable[[Connection, bytes], None]) -> int:
+        """One connection's epoll ``events``; returns 1 if the peer closed it."""
+        if events & _EPOLLOUT:
+            self._flush(conn)
+        if not events & _READABLE:
+            return 0
+        try:
+            data = conn.sock.recv(1 << 16)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            data = b""
+        if not data:
+            self.ep.unregister(conn.fd)
+            del self.live[conn.fd]
+            return 1
+        on_data(conn, data)
+        if conn.outbox and not events & _EPOLLOUT:
+            self._flush(conn)
+        return 0
 
     def close(self) -> None:
         for conn in self.every:

@@ -25,7 +25,7 @@ from typing import Any
 import onnxruntime
 import zmq
 
-from engine import frame_sets
+from engine import frame_sets, router_batch
 from engine.config import ServeConfig
 from engine.control import StreamTable
 from engine.frontend import FrontEnd, WorkerLink
@@ -130,6 +130,7 @@ class Daemon:
             for link in links:
                 link.proc.start()
             frame_sets.warm_up()  # while the workers load their models
+            router_batch.warm_up()
             wait_all_ready(self.workers_of(links), cfg.ready_timeout_s, interrupt_fd=wake_r,
                            stop_requested=lambda: self.state != State.STARTING)
             if self.state != State.STARTING:

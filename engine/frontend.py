@@ -22,6 +22,7 @@ import zmq
 from engine.config import ServeConfig
 from engine.control import StreamTable
 from engine.device_frames import DeviceFrames
+from engine.router_batch import RouterReader
 from engine.stats import WorkerStats
 from engine.streams import Stream
 from engine.supervisor import WorkerProcess, WorkerStartError
@@ -37,7 +38,7 @@ _MAX_RESTART_FAILURES = 5
 # costly messages (1,024 items each) must not hold every other stream's answers.
 _PUMP_NS = 2_000_000
 # Plain ints: pyzmq's flag enums cost an enum operation per call.
-_NOBLOCK, _RCVMORE, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
@@ -80,6 +81,7 @@ class FrontEnd:
         self.outbox: dict[bytes, list[bytes]] = defaultdict(list)
         self.counters = table.counters
         self.device_frames = DeviceFrames(table)
+        self.reader = RouterReader(router)
         table.outlet = self
 
     # ---- replies -------------------------------------------------------------------
@@ -199,38 +201,29 @@ class FrontEnd:
 
     def _read_router(self, budget: int) -> tuple[int, int]:
         """Messages read, and when the socket was found empty (0: it was not)."""
-        recv, handle, clock = self.router.recv, self.table.on_message, time.monotonic_ns
+        handle, clock = self.table.on_message, time.monotonic_ns
         collect, flush, counters = self.device_frames.offer, self.device_frames.flush, self.counters
-        events: Callable[[int], int] = self.router.get  # type: ignore[assignment]  # EVENTS is an int
         stop_at = clock() + _PUMP_NS
-        for n in range(budget):
-            if n and clock() > stop_at:
+        n = 0
+        while n < budget:
+            batch, empty = self.reader.read(budget - n)
+            drained_ns = clock() if empty else 0
+            for identity, msg, frames in batch:
+                counters["messages_in"] += 1  # before it is handled: a STATS reply then counts its own request
+                if frames > 1:
+                    flush()
+                    counters["errors_bad_message"] += 1
+                    self._send(identity, P.encode_error(0, 0, 0, P.ErrorCode.BAD_MESSAGE,
+                                                        "send each message as a single ZeroMQ frame"))
+                elif not collect(identity, msg):
+                    flush()
+                    handle(identity, msg)
+            n += len(batch)
+            if drained_ns or not batch:
+                return n, drained_ns
+            if clock() > stop_at:
                 return n, 0
-            # Asked first: a recv that finds nothing raises, ~10 us on a busy front-end.
-            if not events(_EVENTS) & _POLLIN:
-                return n, clock()
-            try:
-                identity = recv(_NOBLOCK)
-            except zmq.Again:
-                return n, clock()
-            # A ROUTER hands over whole messages, the identity frame first: the rest is there.
-            # As a zmq.Frame, whose ``more`` libzmq filled in: Socket.get(RCVMORE) would go
-            # through pyzmq's option enum, ~0.5 us a message.
-            frame = recv(_NOBLOCK, copy=False)
-            msg = frame.bytes
-            counters["messages_in"] += 1  # before it is handled: a STATS reply then counts its own request
-            if frame.more:
-                while self.router.get(_RCVMORE):
-                    recv(_NOBLOCK)
-                flush()
-                self.counters["errors_bad_message"] += 1
-                self._send(identity, P.encode_error(0, 0, 0, P.ErrorCode.BAD_MESSAGE,
-                                                    "send each message as a single ZeroMQ frame"))
-                continue
-            if not collect(identity, msg):
-                flush()
-                handle(identity, msg)
-        return budget, 0
+        return n, 0
 
     def run(self) -> None:
         poller = zmq.Poller()

@@ -4,13 +4,14 @@ its workers do the same at start, from the cache when it is there."""
 
 from __future__ import annotations
 
-from engine import frame_queue, frame_sets
+from engine import frame_queue, frame_sets, router_batch
 from engine.models.base import ModelSpec
 from engine.models.silero import default_model_path, load_model
 
 
 def main() -> None:
     frame_sets.warm_up()
+    router_batch.warm_up()
     frame_queue.warm_up(load_model(ModelSpec(default_model_path())))
 
 

@@ -370,6 +370,91 @@ def test_the_compiled_gateway_tick_carries_each_streams_next_audio(audio_dir: Pa
         ctx.term()
 
 
+def test_the_compiled_device_load_sends_each_streams_audio_and_takes_the_replies(audio_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    # bench/load_device_kernels.py sends each stream's frames on its own connection and reads
+    # the replies with libc's send and recv: a libzmq ROUTER must get each stream's next chunk of
+    # its file (looping) under its id and seq; RESULTS replies are matched to the chunks in
+    # flight (answered, with a latency each), one for a chunk not in flight is unexpected, an
+    # ERROR (the Python path) refuses its chunk, and a closed connection is counted.
+    import zmq
+
+    from bench.load_audio import StreamAudio, load_audio
+    from bench.load_device import ZmtpDeviceLink
+    from bench.load_gateway import GatewayLedger
+    from bench.load_plan import LoadPlan
+    from bench.load_socket import Connection
+    from transport import protocol as P
+
+    files, n, period, ticks = load_audio(audio_dir), 4, 32_000_000, 100
+    plan = LoadPlan("ringserve", f"ipc://{tmp_path}/dev.sock", "device", "realtime", first_stream=20, streams=n)
+    expected = StreamAudio(files, 20, n, 1, np.random.default_rng(5))
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(plan.endpoint)
+    ledger = GatewayLedger(1, plan.timeout_ms, n, 21, period)
+    link = ZmtpDeviceLink(plan, ctx, [21 + s for s in range(n)], n,
+                          StreamAudio(files, 20, n, 1, np.random.default_rng(5)), ledger, lambda sid: None)
+
+    def result(sid: int, seq: int) -> bytes:
+        return P.header(P.MsgType.RESULTS) + P.RESULT_ITEM.pack(sid, seq, seq - 1, 1, 0, 0) + bytes(4)
+
+    python_parsed: list[bytes] = []  # replies the compiled reads handed to the Python parser
+    parse = link._on_data
+
+    def parse_in_python(conn: Connection, data: bytes) -> None:
+        python_parsed.append(data)
+        parse(conn, data)
+
+    link._on_data = parse_in_python  # type: ignore[method-assign]
+
+    try:
+        link._connect()
+        link.schedule([2, 0, 3, 1], [1000 * i for i in range(n)], period)
+        identities: dict[int, bytes] = {}
+        for tick in range(ticks):
+            assert link.send_due(tick * period + 10_000) == (tick + 1) * period
+            got = {}
+            for _ in range(n):
+                assert router.poll(5000)
+                identity, msg = router.recv_multipart()
+                assert msg[:P.HEADER.size] == P.header(P.MsgType.AUDIO, tick + 1)
+                sid, seq, dtype, nbytes = P.AUDIO_ITEM.unpack_from(msg, P.HEADER.size)
+                assert (seq, dtype, len(msg)) == (tick + 1, P.DType.INT16, P.HEADER.size + P.AUDIO_ITEM.size + nbytes)
+                assert identities.setdefault(sid, identity) == identity  # each stream on its own connection
+                got[sid - 21] = msg[P.HEADER.size + P.AUDIO_ITEM.size:]
+            assert sorted(got) == list(range(n))
+            for s in range(n):
+                assert got[s] == expected.next_pcm(s), (tick, s)
+            for sid, identity in identities.items():
+                if tick < ticks - 1 or sid != 21:
+                    router.send_multipart([identity, result(sid, tick + 1)])
+            link.poll(0.2)
+        assert len(set(identities.values())) == n
+        router.send_multipart([identities[22], result(22, 5)])  # answered already
+        router.send_multipart([identities[21], P.encode_error(ticks, 21, ticks, P.ErrorCode.OVERLOADED, "busy")])
+        deadline = time.monotonic() + 5
+        while ledger.in_flight() or ledger.window.unexpected < 1:
+            assert time.monotonic() < deadline, (ledger.in_flight(), ledger.window.export(0))
+            link.poll(0.05)
+        window = ledger.window
+        assert (window.sent, window.answered, window.unexpected) == (ticks * n, ticks * n - 1, 1)
+        assert window.refused == {"OVERLOADED": 1} and len(window.lat) == ticks * n - 1
+        # Python parsed each connection's first read (the ROUTER's READY command leads it) and
+        # the ERROR; the compiled reads took every other reply.
+        assert [data[0] & 0x04 for data in python_parsed[:n]] == [0x04] * n
+        assert len(python_parsed) == n + 1 and python_parsed[n][2 + 3] == P.MsgType.ERROR
+        router.close(0)
+        while window.other_errors["disconnected"] < n:
+            assert time.monotonic() < deadline, window.other_errors
+            link.poll(0.05)
+        assert window.other_errors == {"disconnected": n}
+    finally:
+        link.shutdown()
+        router.close(0)
+        ctx.term()
+
+
 def test_a_gateway_connection_holds_as_many_streams_as_the_engine_allows(audio_dir: Path, tmp_path: Path) -> None:
     """The bench reads the engine's limits from STATS and gives each gateway connection (one
     load process) as many streams as max_streams_per_connection allows, no more: 10 streams on
