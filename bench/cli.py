@@ -90,7 +90,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     load.add_argument("--tick-ms", type=float, default=4.0, help="gateway shape: one message per tick (default 4)")
     load.add_argument("--window", type=int, default=2, help="max pace: chunks in flight per stream (default 2)")
     load.add_argument("--load-procs", type=_load_procs, default=None, metavar="auto|K",
-                      help="load-generator processes (default auto: ~250 device streams per process, at most "
+                      help="load-generator processes (default auto: ~768 device streams per process, at most "
                       "one per CPU; gateway: one process per gateway connection, each holding up to the "
                       "engine's max_streams_per_connection)")
     load.add_argument("--link", "--device-link", dest="link", choices=("zmtp", "libzmq"), default="zmtp",

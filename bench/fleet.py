@@ -22,7 +22,10 @@ from bench.procinfo import raise_nofile_limit
 from bench.results import PointSettings
 
 _CTX = multiprocessing.get_context("spawn")
-_DEVICE_STREAMS_PER_PROC = 250
+# A load process costs ~20 us of CPU a device frame, most of it the kernel's TCP work: 768
+# streams are half a core. Fewer processes each take more replies per wake-up (at 352 streams one
+# cost 20 us a frame against 24-27 for two), and at 640 one still kept the schedule (2026-12-07).
+_DEVICE_STREAMS_PER_PROC = 768
 
 
 @dataclass
@@ -90,7 +93,7 @@ class LoadFleet:
 
 
 def auto_load_procs(streams: int, shape: str, streams_per_connection: int = 1024, cpus: int | None = None) -> int:
-    """Device shape: one load process per ~250 connections, at most one per CPU. Gateway
+    """Device shape: one load process per ~768 connections, at most one per CPU. Gateway
     shape: one gateway, i.e. one connection and one load process, per ``streams_per_connection``
     streams (the engine's limit): splitting a gateway's streams over more connections than it
     needs costs the engine and the bench a message per connection per tick (measured: 1,152

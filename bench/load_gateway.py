@@ -24,9 +24,11 @@ _RESULTS, _INT16 = int(P.MsgType.RESULTS), int(P.DType.INT16)
 
 
 class GatewayLedger(Ledger):
-    """Chunk ``seq`` of stream index s in flight: ``chunks[s, seq % w] == seq`` (see
-    bench/load_kernels.py); time-outs are checked per tick's message. ``timed_out_keys`` holds
-    stream index << 32 | seq (the Ledger's hold stream id << 32 | seq)."""
+    """The compiled links' ledger (the gateway's, and the device's: bench/load_device.py).
+    Chunk ``seq`` of stream index s in flight: ``chunks[s, seq % w] == seq`` (see
+    bench/load_kernels.py); time-outs are checked per batch sent (a tick's message, or the device
+    frames of one send call). ``timed_out_keys`` holds stream index << 32 | seq (the Ledger's
+    hold stream id << 32 | seq)."""
 
     def __init__(self, chunk_frames: int, timeout_ms: float, streams: int, first_sid: int, period_ns: int) -> None:
         super().__init__(chunk_frames, timeout_ms, lambda sid: None)

@@ -26,21 +26,27 @@ from numba import types
 from engine.compiled import compiled
 
 
-def _libzmq_path() -> str:
-    """The libzmq pyzmq loaded (a second copy would not know pyzmq's sockets)."""
+def _load_libzmq() -> None:
+    """Make the libzmq pyzmq uses (a second copy would not know pyzmq's sockets) the one these
+    loops call: the shared library this process mapped (PyPI's wheels), or pyzmq's own
+    extension where libzmq is linked into it."""
+    import zmq.backend.cython._zmq as backend
+
     with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-        paths = sorted(set(re.findall(r"(/\S*/libzmq[^/\s]*\.so[^/\s]*)", maps.read())))
-    if not paths:
-        raise ImportError(f"pyzmq {zmq.__version__} is loaded but no libzmq shared library is mapped in this "
-                          "process: ringserve needs pyzmq built against a shared libzmq (the PyPI wheels are)")
-    bundled = [p for p in paths if "pyzmq" in p]
-    return (bundled or paths)[0]
+        mapped = sorted(set(re.findall(r"(/\S*/libzmq[^/\s]*\.so[^/\s]*)", maps.read())),
+                        key=lambda path: "pyzmq" not in path)
+    for path in [*mapped, backend.__file__]:
+        llvm.load_library_permanently(path)
+        if llvm.address_of_symbol("zmq_recv"):
+            return
+    raise ImportError(f"pyzmq {zmq.__version__} exports no libzmq C API to this process (looked in {mapped} and "
+                      f"{backend.__file__}): install pyzmq's wheel from PyPI, or build it against a shared libzmq")
 
 
-llvm.load_library_permanently(_libzmq_path())
+_load_libzmq()
 _zmq_recv: Any = types.ExternalFunction("zmq_recv", types.intc(types.voidptr, types.voidptr, types.size_t, types.intc))
-_zmq_getsockopt: Any = types.ExternalFunction("zmq_getsockopt",
-                                         types.intc(types.voidptr, types.intc, types.voidptr, types.voidptr))
+_zmq_getsockopt: Any = types.ExternalFunction(
+    "zmq_getsockopt", types.intc(types.voidptr, types.intc, types.voidptr, types.voidptr))
 _zmq_errno: Any = types.ExternalFunction("zmq_errno", types.intc())
 _DONTWAIT, _RCVMORE = int(zmq.DONTWAIT), int(zmq.RCVMORE)
 _IDENTITY_MAX = 255  # a ROUTER's routing ids are 1-255 bytes

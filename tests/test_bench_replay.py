@@ -463,6 +463,8 @@ def test_a_gateway_connection_holds_as_many_streams_as_the_engine_allows(audio_d
     from tests.conftest import spawn_daemon
 
     assert replay.auto_load_procs(1280, "gateway", 4096) == 1
+    assert replay.auto_load_procs(640, "device", cpus=2) == 1
+    assert replay.auto_load_procs(1600, "device", cpus=4) == 3
     assert replay.auto_load_procs(1280, "gateway", 1024) == 2
     daemon = spawn_daemon("--workers", "1", "--max-streams-per-connection", "4")
     try:
