@@ -3,9 +3,10 @@ frames due sent, each on its stream's socket, and the replies read and matched t
 
 A device's frame is its own message on its own connection, so in Python each cost the load
 process a message built, a ``send``, an epoll entry, a ``recv``, a ZMTP parse and a ledger entry:
-~15 us of user CPU a frame on a 2-vCPU EPYC VM, a third of what the engine's front-end spends
-on the same frame, on the same cores. Here libc's ``send`` and ``recv`` are called from the
-loops themselves. What is not the common case — a socket that takes only part of a message, a
+~18 us of user CPU a frame on a 2-vCPU EPYC VM, on the cores of the engine it measures. Here
+libc's ``send`` and ``recv`` are called from the loops themselves: ~14 us with two load
+processes, ~9 with one, mostly Python once per wake-up rather than per frame (perf: libpython
+18 % of the process, the kernel's TCP work 63 %; docs/bench-history.md, runs 30-31). What is not the common case — a socket that takes only part of a message, a
 reply that is not a RESULTS message, a ZMTP command, a closed connection — goes back to the
 Python link, which handles it as the pure-Python load does (bench/load_zmtp.py).
 """

@@ -2,9 +2,10 @@
 
 Read one at a time through pyzmq, a device's message costs the front-end 4-5 us of Python
 before it is looked at (an events check, two ``recv`` calls, a ``zmq.Frame``) where libzmq's
-own work is ~0.7 us; in the device shape, one message a frame, that was a sixth of the
-front-end's CPU. Here one call reads up to a budget of messages into one buffer, through the
-very libzmq (and socket) pyzmq uses, so polling, sending and closing stay pyzmq's.
+own work is ~0.7 us; in the device shape, one message a frame, reading was a fifth of the
+front-end loop's time. Here one call reads up to a budget of messages into one buffer, through
+the very libzmq (and socket) pyzmq uses, so polling, sending and closing stay pyzmq's: ~3 us
+less of the front-end's CPU a device frame (docs/bench-history.md, runs 30-31).
 
 The front-end keeps every rule it had: a message of more than one frame is reported as such
 (its other frames read and dropped), and the buffer always has room for the largest message
