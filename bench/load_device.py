@@ -9,6 +9,7 @@ time, with the chunks in flight in the same arrays (:class:`~bench.load_gateway.
 from __future__ import annotations
 
 import select
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -54,14 +55,8 @@ class ZmtpDeviceLink(_ZmtpTransport, GatewayLink):
     def _warm_up_device(self) -> None:
         """Compile (or load from numba's cache) the loops now, not on the first frame: nothing
         is due, nothing ready."""
-        ledger = self.gateway_ledger
-        kernels.send_due(np.array([0, 0, 1 << 62], np.int64), 0, self.order, self.base, self.period, self.sids,
-                         self.pos, self.chunk_samples, self.file_samples, self.file_start, self.pcm, _INT16, self.fds,
-                         self.blocked, self.out, self.out16, self.tick_streams, self.tick_seqs, self.tick_due,
-                         ledger.chunks, ledger.sent_ns, self.lateness, self.clock)
-        kernels.take_replies(self.ready[:0], 0, self.fds, self.inbox, self.inbox_len, self.buf, ledger.first_sid,
-                             ledger.timeout_ns, ledger.chunks, ledger.sent_ns, self.latency, self.counts,
-                             self.unmatched, self.clock, self.stop)
+        self._send_due(0, np.array([0, 0, 1 << 62], np.int64))
+        self._read_replies(0, 0)
 
     def _connect(self) -> None:
         super()._connect()
@@ -73,18 +68,19 @@ class ZmtpDeviceLink(_ZmtpTransport, GatewayLink):
 
     def send_due(self, limit: int) -> int:
         while self.state[2] <= limit:
-            self._send_due(limit)
+            self._send_due(limit, self.state)
         return int(self.state[2])
 
-    def _send_due(self, limit: int) -> None:
+    def _send_due(self, limit: int, state: np.ndarray) -> None:
+        """The chunks due by ``limit`` from schedule place ``state``, up to the first that a
+        socket did not take whole (bench/load_device_kernels.py)."""
         ledger = self.gateway_ledger
         count, end, taken = kernels.send_due(
-            self.state, limit, self.order, self.base, self.period, self.sids, self.pos, self.chunk_samples,
+            state, limit, self.order, self.base, self.period, self.sids, self.pos, self.chunk_samples,
             self.file_samples, self.file_start, self.pcm, _INT16, self.fds, self.blocked, self.out, self.out16,
             self.tick_streams, self.tick_seqs, self.tick_due, ledger.chunks, ledger.sent_ns, self.lateness, self.clock)
-        if count:
-            last_sent = int(self.clock[0]) * 1_000_000_000 + int(self.clock[1])
-            ledger.sent_chunks(count, self.tick_streams, self.tick_seqs, self.lateness, last_sent)
+        if count:  # their time-outs are checked from now on (take_replies judges each exactly)
+            ledger.sent_chunks(count, self.tick_streams, self.tick_seqs, self.lateness, time.monotonic_ns())
         if end:  # the last chunk's socket did not take all of it: the rest waits in its outbox
             s = int(self.tick_streams[count - 1])
             conn = self.conns[s]
@@ -112,13 +108,9 @@ class ZmtpDeviceLink(_ZmtpTransport, GatewayLink):
 
     def _take_replies(self, k: int) -> int:
         """The replies on the sockets of streams ready[:k]; returns how many were closed."""
-        ledger, start, closed = self.gateway_ledger, 0, 0
+        start, closed = 0, 0
         while start < k:
-            kernels.take_replies(self.ready[:k], start, self.fds, self.inbox, self.inbox_len, self.buf,
-                                 ledger.first_sid, ledger.timeout_ns, ledger.chunks, ledger.sent_ns, self.latency,
-                                 self.counts, self.unmatched, self.clock, self.stop)
-            self.closed_streams += ledger.count_results(self.counts, self.latency, self.unmatched)
-            start, stopped_on, at, end = self.stop.tolist()
+            start, stopped_on, at, end = self._read_replies(k, start)
             if stopped_on == kernels.PYTHON_DATA:
                 conn = self.conns[int(self.ready[start - 1])]
                 self._on_data(conn, self.buf[at:end].tobytes())
@@ -126,6 +118,16 @@ class ZmtpDeviceLink(_ZmtpTransport, GatewayLink):
             elif stopped_on == kernels.PYTHON_SOCKET:
                 closed += self._serve(self.conns[int(self.ready[start - 1])], _EPOLLIN)
         return closed
+
+    def _read_replies(self, k: int, start: int) -> list[int]:
+        """One call of take_replies over ready[start:k], its counts folded into the window;
+        returns where it stopped (``stop``)."""
+        ledger = self.gateway_ledger
+        kernels.take_replies(self.ready[:k], start, self.fds, self.inbox, self.inbox_len, self.buf, ledger.first_sid,
+                             ledger.timeout_ns, ledger.chunks, ledger.sent_ns, self.latency, self.counts,
+                             self.unmatched, self.clock, self.stop)
+        self.closed_streams += ledger.count_results(self.counts, self.latency, self.unmatched)
+        return self.stop.tolist()
 
     def _serve(self, conn: Connection, events: int) -> int:
         """One connection's events the Python way (bench/load_socket.py), after the partial

@@ -21,7 +21,7 @@ import numpy as np
 from engine.compiled import compiled
 from numba import types
 
-from bench.load_kernels import LATENCIES, UNEXPECTED, _put_u32, build_tick, take_results
+from bench.load_kernels import LATENCIES, UNEXPECTED, _put_u32, build_tick, mark_sent, take_results
 from transport import protocol as P
 
 _send: Any = types.ExternalFunction("send", types.intp(types.intc, types.voidptr, types.size_t, types.intc))
@@ -59,7 +59,6 @@ def send_due(state: np.ndarray, limit: int, order: np.ndarray, base: np.ndarray,
     as in take_results; ``lateness`` in ms). Stops after a chunk whose stream is ``blocked`` or
     whose socket did not take all of it: out[1:end] is its message, of which ``taken`` bytes went.
     Returns (chunks, end or 0, taken); chunk j is ``streams[j]`` / ``seqs[j]``, due at ``dues[j]``."""
-    w = pending.shape[1]
     count = 0
     while state[2] <= limit and count < streams.shape[0]:
         end, _ = build_tick(state, limit, out.shape[0], order, base, period, sid, pos, chunk_samples, file_samples,
@@ -73,10 +72,8 @@ def send_due(state: np.ndarray, limit: int, order: np.ndarray, base: np.ndarray,
         at = _FRAME_AT + 9
         out[at], out[at + 1], out[at + 2], out[at + 3] = _MAGIC0, _MAGIC1, _VERSION, _AUDIO
         _put_u32(out, at + 4, seq)
-        now = _now(clock)
-        pending[s, seq % w] = seq
-        sent_ns[s, seq % w] = now
-        lateness[count] = (now - dues[count]) * 1e-6
+        mark_sent(1, streams[count:count + 1], seqs[count:count + 1], dues[count:count + 1], _now(clock), pending,
+                  sent_ns, lateness[count:count + 1])
         count += 1
         if blocked[s]:
             return count, end, 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import llvmlite.binding as llvm
@@ -51,18 +50,19 @@ _zmq_getsockopt: Any = types.ExternalFunction(
 _zmq_errno: Any = types.ExternalFunction("zmq_errno", types.intc())
 _DONTWAIT, _RCVMORE = int(zmq.DONTWAIT), int(zmq.RCVMORE)
 _IDENTITY_MAX = 255  # a ROUTER's routing ids are 1-255 bytes
-BATCH_BYTES = 256 * 1024  # stop a batch once this much is read: handling it takes a while
+BATCH_BYTES = 256 * 1024  # a batch ends once this much is read: handling it takes a while
 
 
 @compiled
-def _read(sock: int, buf: np.ndarray, spans: np.ndarray, budget: int, batch_bytes: int, largest: int,
+def _read(sock: int, buf: np.ndarray, spans: np.ndarray, budget: int, largest: int,
           more: np.ndarray) -> tuple[int, int]:
     """Messages into ``buf``: spans[i] = (identity at, its size, message at, its size, frames).
-    Stops at ``budget`` messages, past ``batch_bytes``, or when no room for ``largest`` is left.
-    Returns (messages read, 0, or libzmq's errno once a read failed: EAGAIN when none waits)."""
+    Stops at ``budget`` messages, or when ``buf`` has no room left for a routing id and a
+    message of ``largest`` bytes. Returns (messages read, 0, or libzmq's errno once a read
+    failed: EAGAIN when none waits)."""
     n = at = 0
     room = len(buf) - _IDENTITY_MAX - largest
-    while n < budget and at <= batch_bytes and at <= room:
+    while n < budget and at <= room:
         got = _zmq_recv(sock, buf[at:].ctypes.data, _IDENTITY_MAX, _DONTWAIT)
         if got < 0:
             return n, _zmq_errno()
@@ -92,26 +92,23 @@ class RouterReader:
             raise ValueError("the ROUTER needs a ZMQ_MAXMSGSIZE: its reader's buffer is sized for it")
         self.router = router
         self.largest = largest
-        self.buf = np.empty(BATCH_BYTES + largest + 2 * _IDENTITY_MAX, np.uint8)
+        self.buf = np.empty(BATCH_BYTES + _IDENTITY_MAX + largest, np.uint8)
         self.view = self.buf.data
         self.spans = np.zeros((budget, 5), np.int64)
         self.more = np.zeros(2, np.int64)  # RCVMORE's value, and its size for getsockopt
 
     def read(self, budget: int) -> tuple[list[tuple[bytes, bytes, int]], bool]:
         """Up to ``budget`` messages, and whether the socket was found empty."""
-        n, error = _read(self.router.underlying, self.buf, self.spans, min(budget, len(self.spans)), BATCH_BYTES,
-                         self.largest, self.more)
+        n, error = _read(self.router.underlying, self.buf, self.spans, min(budget, len(self.spans)), self.largest,
+                         self.more)
         if error not in (0, errno.EAGAIN, errno.EINTR):
             raise zmq.ZMQError(error)
-        return list(self._messages(n)), error == errno.EAGAIN
-
-    def _messages(self, n: int) -> Iterator[tuple[bytes, bytes, int]]:
         view = self.view
-        for at, size, msg_at, msg_size, frames in self.spans[:n].tolist():
-            yield bytes(view[at:at + size]), bytes(view[msg_at:msg_at + msg_size]), frames
+        return [(bytes(view[at:at + size]), bytes(view[msg_at:msg_at + msg_size]), frames)
+                for at, size, msg_at, msg_size, frames in self.spans[:n].tolist()], error == errno.EAGAIN
 
 
 def warm_up() -> None:
     """Compile (or load from the cache) the read loop now, not on a client's first message:
     a read of no socket reads nothing."""
-    _read(0, np.zeros(2 * _IDENTITY_MAX + 1, np.uint8), np.zeros((1, 5), np.int64), 0, 0, 1, np.zeros(2, np.int64))
+    _read(0, np.zeros(_IDENTITY_MAX + 1, np.uint8), np.zeros((1, 5), np.int64), 0, 1, np.zeros(2, np.int64))
