@@ -21,6 +21,7 @@ import numpy as np
 from engine.frame_sets import take_frame_set
 from engine.stats import BUCKETS_US, N_BUCKETS
 from engine.lane import Lane
+from engine.router_batch import RoutingIds
 from engine.slot_index import SlotIndex
 from engine.streams import FRESH_NS, PendingChunk, Stream
 from engine.vad_events import SpeechSegmenter, VadParams
@@ -46,6 +47,8 @@ BUFFER_SAMPLES = 1024
 class Outlet(Protocol):
     def send(self, identity: bytes, payload: bytes) -> None: ...
     def queue_result(self, identity: bytes, item: bytes) -> None: ...
+    def send_results(self, items: np.ndarray, item_size: int, bounds: np.ndarray, runs: int, conns: np.ndarray,
+                     ids: RoutingIds) -> None: ...
     def write_frames(self, stream: Stream, count: int, arrived_ns: int) -> None: ...
     def write_frame_set(self, worker: int, count: int, width: int, rate: int, shed_after_ms: int,
                         fill: Callable[[np.ndarray, np.ndarray], int]) -> None: ...

@@ -22,7 +22,7 @@ import zmq
 from engine.config import ServeConfig
 from engine.control import StreamTable
 from engine.device_frames import DeviceFrames
-from engine.router_batch import RouterReader
+from engine.router_batch import ResultSender, RouterReader, RoutingIds
 from engine.stats import WorkerStats
 from engine.streams import Stream
 from engine.supervisor import WorkerProcess, WorkerStartError
@@ -82,6 +82,8 @@ class FrontEnd:
         self.counters = table.counters
         self.device_frames = DeviceFrames(table)
         self.reader = RouterReader(router)
+        self.sender = ResultSender(router, P.header(P.MsgType.RESULTS))
+        self.gone: set[bytes] = set()  # clients a send found gone, their streams closed at the turn's end
         table.outlet = self
 
     # ---- replies -------------------------------------------------------------------
@@ -97,11 +99,24 @@ class FrontEnd:
     def _flush_one(self, identity: bytes, items: list[bytes]) -> None:
         self._send(identity, P.header(P.MsgType.RESULTS) + b"".join(items))
 
+    def send_results(self, items: np.ndarray, item_size: int, bounds: np.ndarray, runs: int, conns: np.ndarray,
+                     ids: RoutingIds) -> None:
+        """Runs of reply items, one client's each, sent now as one RESULTS message each (after
+        what the outbox holds, so each client's replies keep their order)."""
+        self.flush_outbox()
+        for conn, code in self.sender.send(items, item_size, bounds, runs, conns, ids):
+            self._count_failed_send(ids[conn], code)
+
     def flush_outbox(self) -> None:
         if self.outbox:
             outbox, self.outbox = self.outbox, defaultdict(list)
             for identity, items in outbox.items():
                 self._flush_one(identity, items)
+        if self.gone:
+            # Not while results are being answered: a client's streams close between turns.
+            gone, self.gone = self.gone, set()
+            for identity in gone:
+                self.table.drop_connection(identity)
 
     def _send(self, identity: bytes, payload: bytes) -> None:
         try:
@@ -109,13 +124,17 @@ class FrontEnd:
             # on the identity frame (unreachable, or at its high-water mark): the payload then goes.
             self.router.send(identity, _NOBLOCK_MORE)
             self.router.send(payload, _NOBLOCK)
-        except zmq.Again:
-            self.counters["replies_dropped_slow_client"] += 1
         except zmq.ZMQError as exc:
-            if exc.errno != errno.EHOSTUNREACH:
-                raise
+            self._count_failed_send(identity, exc.errno or 0)
+
+    def _count_failed_send(self, identity: bytes, code: int) -> None:
+        if code == errno.EAGAIN:
+            self.counters["replies_dropped_slow_client"] += 1
+        elif code == errno.EHOSTUNREACH:
             self.counters["replies_dropped_client_gone"] += 1
-            self.table.drop_connection(identity)
+            self.gone.add(identity)
+        else:
+            raise zmq.ZMQError(code)
 
     # ---- frames to workers ---------------------------------------------------------------
     def room_for(self, worker: int, nbytes: int) -> bool:

@@ -33,12 +33,13 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from engine import lane_kernels as kernels
 from engine import vad_kernels as vad
+from engine.router_batch import RoutingIds
 from engine.stats import BUCKETS_US
 from engine.streams import PendingChunk, Stream
 from engine.vad_events import SpeechSegmenter
@@ -105,8 +106,9 @@ class Lane:
         # worker; each is answered, shed, right after the frame before it. ``n_unsent``: how many.
         self.unsent = np.zeros((n, IN_FLIGHT), np.bool_)
         self.n_unsent = 0
-        # Client identities as small ints (reply items are grouped per client), reference-counted.
-        self.identities: list[bytes] = []
+        # Client identities as small ints (reply items are grouped and sent per client),
+        # reference-counted; conn_streams[conn] is 0 for a free one.
+        self.routing_ids = RoutingIds()
         self.conn_of: dict[bytes, int] = {}
         self.conn_streams: list[int] = []
         self.free_conns: list[int] = []
@@ -175,11 +177,10 @@ class Lane:
         if conn is None:
             if self.free_conns:
                 conn = self.free_conns.pop()
-                self.identities[conn] = identity
             else:
-                conn = len(self.identities)
-                self.identities.append(identity)
+                conn = len(self.conn_streams)
                 self.conn_streams.append(0)
+            self.routing_ids.set(conn, identity)
             self.conn_of[identity] = conn
         self.conn_streams[conn] += 1
         return conn
@@ -189,7 +190,6 @@ class Lane:
         self.conn_streams[conn] -= 1
         if not self.conn_streams[conn]:
             del self.conn_of[identity]
-            self.identities[conn] = b""
             self.free_conns.append(conn)
 
     # ---- results -----------------------------------------------------------------------------
@@ -221,18 +221,20 @@ class Lane:
             counters["frames_shed_in_worker"] += shed - unsent
         if evented:
             self._answer_events(self._events[:n_events].tolist(), out)
-        self._queue(plain, out.queue_result)
+        self._send(plain, out)
         return rest, waited
 
     def _reply_buffers(self, n: int) -> None:
         """Room for the reply items of a results record of ``n`` frames (kernels.answer)."""
         self._items = np.empty(n, REPLY_ITEM)
         self._words = self._items.view(np.uint32).reshape(n, REPLY_ITEM.itemsize // 4)
+        self._item_bytes = self._items.view(np.uint8)
         self._floats = self._items.view(np.float32).reshape(n, REPLY_ITEM.itemsize // 4)
         self._mine, self._conns = np.empty(n, np.bool_), np.empty(n, np.int64)
         # The same, sorted by client, when a record answers several (kernels.by_client).
         self._sorted_items = np.empty(n, REPLY_ITEM)
         self._sorted_words = self._sorted_items.view(np.uint32).reshape(n, REPLY_ITEM.itemsize // 4)
+        self._sorted_item_bytes = self._sorted_items.view(np.uint8)
         self._sorted_conns, self._bounds = np.empty(n, np.int64), np.empty(n + 1, np.int64)
         self._scratch = np.empty((vad.MAX_EVENTS, 3), np.int64)
         self._counts = np.zeros(6, np.int64)
@@ -242,20 +244,20 @@ class Lane:
         """Each item whose frame gave speech events (rows: item, kind, frame, sample) as its
         own reply: the item (its event count set by the loop), then its events."""
         for at, rows in itertools.groupby(events, key=lambda row: row[0]):
-            out.queue_result(self.identities[int(self._conns[at])], self._items[at:at + 1].tobytes() + b"".join(
+            out.queue_result(self.routing_ids[int(self._conns[at])], self._items[at:at + 1].tobytes() + b"".join(
                 [P.EVENT_ITEM.pack(kind, frame, sample) for _, kind, frame, sample in rows]))
 
-    def _queue(self, plain: int, queue: Callable[[bytes, bytes], None]) -> None:
-        """The first ``plain`` reply items as one bytes object per client (a gateway's whole
-        record is one)."""
+    def _send(self, plain: int, out: Outlet) -> None:
+        """The first ``plain`` reply items, one RESULTS message per client (a gateway's whole
+        record is one), sent now."""
         if not plain:
             return
-        words, conns = self._words[:plain], self._conns[:plain]
-        runs = kernels.by_client(conns, words, self._sorted_conns, self._sorted_words, self._bounds)
+        words, conns, bounds = self._words[:plain], self._conns[:plain], self._bounds
+        runs = kernels.by_client(conns, words, self._sorted_conns, self._sorted_words, bounds)
+        size = REPLY_ITEM.itemsize
         if runs == 1:
-            queue(self.identities[int(conns[0])], self._items[:plain].tobytes())
-            return
-        blob, size = self._sorted_items[:plain].tobytes(), REPLY_ITEM.itemsize
-        bounds, conn_of = self._bounds[:runs + 1].tolist(), self._sorted_conns[:plain]
-        for a, b in zip(bounds, bounds[1:]):
-            queue(self.identities[int(conn_of[a])], blob[a * size:b * size])
+            bounds[0], bounds[1] = 0, plain
+            out.send_results(self._item_bytes[:plain * size], size, bounds, 1, conns, self.routing_ids)
+        else:
+            out.send_results(self._sorted_item_bytes[:plain * size], size, bounds, runs, self._sorted_conns[:plain],
+                             self.routing_ids)

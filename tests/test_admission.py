@@ -9,6 +9,7 @@ many streams).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -452,6 +453,47 @@ def test_vanished_client_streams_are_reclaimed(expiring: DaemonProcess) -> None:
     assert isinstance(counters, dict) and isinstance(counters_before, dict)
     assert counters.get("replies_dropped_client_gone", 0) > counters_before.get("replies_dropped_client_gone", 0)
     assert counters["streams_closed"] - counters_before.get("streams_closed", 0) == 3
+
+
+def test_results_for_a_vanished_client_are_counted_and_its_streams_closed(engine: DaemonProcess) -> None:
+    """A client that disappears with frames still in the workers: their results find nobody
+    (EHOSTUNREACH on the results' send), are counted, and its streams close at once, not at
+    their idle timeout; the daemon stays up and serves the next client."""
+    before = wait_for_open_streams(engine.endpoint, 0)
+    workers = before["workers"]
+    assert isinstance(workers, list)
+    n_streams, n_ticks = 64, 4
+    counters_before = before["counters"]
+    assert isinstance(counters_before, dict)
+    try:
+        with Raw(engine.endpoint) as raw, Raw(engine.endpoint) as observer:
+            for stream_id in range(n_streams):
+                assert P.parse_header(raw.open(stream_id))[0] == MsgType.OPENED
+            # The workers held still: every result comes back after its client has gone.
+            for worker in workers:
+                os.kill(worker["pid"], signal.SIGSTOP)
+            silence = bytes(1024)  # one 512-sample int16 frame
+            for tick in range(n_ticks):  # a gateway's ticks: one frame of every stream each
+                raw.sock.send(P.encode_audio(raw.next_rid(),
+                                             [(s, tick, DType.INT16, silence) for s in range(n_streams)]))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                stats = P.decode_json(observer.request(P.header(MsgType.STATS, observer.next_rid()))[P.HEADER.size:])
+                if stats["counters"].get("frames_in", 0) - counters_before.get("frames_in", 0) >= n_streams * n_ticks:
+                    break
+                time.sleep(0.02)
+        time.sleep(0.3)  # the engine sees the connection close
+    finally:
+        for worker in workers:
+            os.kill(worker["pid"], signal.SIGCONT)
+    stats = wait_for_open_streams(engine.endpoint, 0, timeout=10)
+    assert engine.proc.poll() is None, engine.log()
+    assert stats["open_streams"] == 0, stats
+    counters = stats["counters"]
+    assert isinstance(counters, dict)
+    assert counters.get("replies_dropped_client_gone", 0) > counters_before.get("replies_dropped_client_gone", 0)
+    with Client(engine.endpoint) as client:
+        assert len(client.open_stream().send(np.zeros(512, np.int16))) == 1
 
 
 def test_default_idle_timeout_is_generous() -> None:
