@@ -13,6 +13,11 @@ from bench.replay import PointResult
 from bench.report import TABLE_LEGEND, points_table, write_csv, write_plot
 from bench.results import jsonable
 
+# Issue #4's targets: each shape's share of the raw ceiling, and both shapes' ratio to the
+# per-frame server.
+SHARE_GOALS = {"ringserve/gateway": 0.75, "ringserve/device": 0.40}
+X_GOAL = 5.0
+
 
 def derive(report: dict[str, Any], baselines: set[str]) -> None:
     """Ratios between capacities and against the raw ceiling, and the issue's targets."""
@@ -27,7 +32,6 @@ def derive(report: dict[str, Any], baselines: set[str]) -> None:
             sat["share_of_raw"] = sat["frames_per_s"] / raw_fps
         if per_frame_sat and key != "per-frame/device":
             sat["x_per_frame"] = sat["frames_per_s"] / per_frame_sat
-    goals = {"ringserve/gateway": 0.75, "ringserve/device": 0.40}
     for key, cap in report["capacity"].items():
         c = cap.get("capacity_streams", 0)
         ratios: dict[str, Any] = {"capacity_streams": c}
@@ -55,17 +59,18 @@ def derive(report: dict[str, Any], baselines: set[str]) -> None:
                 ratios["x_per_frame_by_round"] = {r: n / per_frame_by_round[r] for r, n in by_round.items()
                                                   if per_frame_by_round.get(r)}
         report["ratios"][key] = ratios
-        if key in goals:
+        if key in SHARE_GOALS:
             goal: dict[str, Any] = {}
             if raw:
-                goal["share_of_raw"] = {"want": goals[key], "got": c / raw, "met": c / raw >= goals[key]}
+                want = SHARE_GOALS[key]
+                goal["share_of_raw"] = {"want": want, "got": c / raw, "met": c / raw >= want}
                 if len(by_round) > 1:
-                    goal["share_of_raw"]["met_in_rounds"] = sum(n / raw >= goals[key] for n in by_round.values())
+                    goal["share_of_raw"]["met_in_rounds"] = sum(n / raw >= want for n in by_round.values())
             if per_frame:
-                goal["x_per_frame"] = {"want": 5.0, "got": c / per_frame, "met": c >= 5 * per_frame}
+                goal["x_per_frame"] = {"want": X_GOAL, "got": c / per_frame, "met": c >= X_GOAL * per_frame}
                 if "x_per_frame_by_round" in ratios:
                     x_by_round = ratios["x_per_frame_by_round"].values()
-                    goal["x_per_frame"]["met_in_rounds"] = sum(x >= 5.0 for x in x_by_round)
+                    goal["x_per_frame"]["met_in_rounds"] = sum(x >= X_GOAL for x in x_by_round)
             for g in goal.values():
                 if "met_in_rounds" in g:
                     g["rounds"] = len(by_round)
@@ -118,9 +123,9 @@ def print_summary(report: dict[str, Any]) -> None:
             r = report["ratios"].get(key, {})
             extra = []
             if "share_of_raw" in r:
-                extra.append(f"{100 * r['share_of_raw']:.0f} % of raw")
+                extra.append(f"{_share(key, r['share_of_raw'])} % of raw")
             if "x_per_frame" in r:
-                extra.append(f"{r['x_per_frame']:.1f}x per-frame")
+                extra.append(f"{_times(key, r['x_per_frame'])}x per-frame")
             if r.get("frontend_cpu_pct_at_capacity") is not None:
                 extra.append(f"front-end CPU {r['frontend_cpu_pct_at_capacity']:.0f} %")
             if r.get("bench_cpu_pct_at_capacity") is not None:
@@ -142,7 +147,7 @@ def print_summary(report: dict[str, Any]) -> None:
     for key, goal in report["targets"].items():
         for name, g in goal.items():
             want = f"{100 * g['want']:.0f} % of raw" if name == "share_of_raw" else f"{g['want']:.0f}x per-frame"
-            got = f"{100 * g['got']:.0f} %" if name == "share_of_raw" else f"{g['got']:.1f}x"
+            got = f"{_share(key, g['got'])} %" if name == "share_of_raw" else f"{_times(key, g['got'])}x"
             rounds = f" (met in {g['met_in_rounds']} of {g['rounds']} rounds)" if "met_in_rounds" in g else ""
             print(f"  target {key} >= {want}: got {got} -> {'met' if g['met'] else 'MISSED'}{rounds}")
     if report["saturation"]:
@@ -174,10 +179,30 @@ def _round_text(report: dict[str, Any], key: str, search_round: int, streams: in
     r = report["ratios"].get(key, {})
     parts = [f"{search_round}: {streams}"]
     if search_round in r.get("share_of_raw_by_round", {}):
-        parts.append(f"{100 * r['share_of_raw_by_round'][search_round]:.0f} %")
+        parts.append(f"{_share(key, r['share_of_raw_by_round'][search_round])} %")
     if search_round in r.get("x_per_frame_by_round", {}):
-        parts.append(f"{r['x_per_frame_by_round'][search_round]:.1f}x")
+        parts.append(f"{_times(key, r['x_per_frame_by_round'][search_round])}x")
     return " ".join(parts[:1]) + (f" ({', '.join(parts[1:])})" if parts[1:] else "")
+
+
+def _share(key: str, share: float) -> str:
+    """A share of raw in per cent, against ``key``'s target if it has one (see _beside)."""
+    goal = SHARE_GOALS.get(key)
+    return _beside(100 * share, None if goal is None else 100 * goal, 0)
+
+
+def _times(key: str, ratio: float) -> str:
+    return _beside(ratio, X_GOAL if key in SHARE_GOALS else None, 1)
+
+
+def _beside(value: float, goal: float | None, decimals: int) -> str:
+    """``value`` with ``decimals`` decimals, or more where that rounding would put it on the
+    other side of ``goal`` (4.96 is "4.96", not "5.0", against 5)."""
+    text = f"{value:.{decimals}f}"
+    while goal is not None and (float(text) >= goal) != (value >= goal) and decimals < 4:
+        decimals += 1
+        text = f"{value:.{decimals}f}"
+    return text
 
 
 def _fmt(value: Any, spec: str = ".1f") -> str:

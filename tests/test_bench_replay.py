@@ -536,3 +536,28 @@ def test_the_median_search_is_the_lower_middle_one() -> None:
     assert report["capacity"]["ringserve/device"]["median_round"] == 3
     assert report["capacity"]["ringserve/device"]["searches"] == [320, 480, 336]
     assert report["capacity"]["ringserve/gateway"]["capacity_streams"] == 560
+
+
+def test_the_summary_never_rounds_a_figure_onto_its_target(capsys: pytest.CaptureFixture[str]) -> None:
+    """A figure just under its target keeps the digits that show it: 398 streams of a 1,000-stream
+    ceiling is 39.8 % against 40 %, and 398 against the per-frame server's 80 is 4.97x against 5x,
+    not "40 %" and "5.0x" beside MISSED."""
+    from bench.cli_summary import derive, print_summary
+
+    report: dict[str, Any] = {
+        "machine": {"source": "test", "cpus": 2, "cpu_model": "test", "onnxruntime": "test", "loadavg": [0.0]},
+        "loadavg_end": [0.0], "elapsed_s": 1.0,
+        "budget_ms": 32.0, "repeat": 1, "points": [], "saturation": {}, "profile": {}, "ratios": {}, "targets": {},
+        "baselines": {"raw": {"streams": 1000.0, "frames_per_s": 31250.0, "workers": 2, "runs": []}},
+        "capacity": {"ringserve/device": {"capacity_streams": 398, "saturation_fps": 15000.0},
+                     "ringserve/gateway": {"capacity_streams": 760, "saturation_fps": 30000.0},
+                     "per-frame/device": {"capacity_streams": 80, "saturation_fps": 3000.0}}}
+    derive(report, {"raw", "per-frame"})
+    print_summary(report)
+    out = capsys.readouterr().out
+    assert "ringserve/device >= 40 % of raw: got 39.8 % -> MISSED" in out
+    assert "ringserve/device >= 5x per-frame: got 4.97x -> MISSED" in out
+    assert "39.8 % of raw, 4.97x per-frame" in out
+    assert "ringserve/gateway >= 75 % of raw: got 76 % -> met" in out
+    assert "ringserve/gateway >= 5x per-frame: got 9.5x -> met" in out
+    assert "per-frame/device" in out and "8 % of raw" in out  # no target: plain rounding
