@@ -112,8 +112,11 @@ class FrontEnd:
             outbox, self.outbox = self.outbox, defaultdict(list)
             for identity, items in outbox.items():
                 self._flush_one(identity, items)
+
+    def drop_gone(self) -> None:
+        """Close the streams of clients a send found gone: between loop turns, never while a
+        results record is being answered."""
         if self.gone:
-            # Not while results are being answered: a client's streams close between turns.
             gone, self.gone = self.gone, set()
             for identity in gone:
                 self.table.drop_connection(identity)
@@ -262,6 +265,7 @@ class FrontEnd:
             for link in self.links:
                 work += self.drain_results(link)
             self.flush_outbox()
+            self.drop_gone()
             now = time.monotonic()
             if now - last_housekeeping > _HOUSEKEEPING_S:
                 self.housekeeping(now)
